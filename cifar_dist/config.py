@@ -1,0 +1,217 @@
+"""Flags -> one frozen, validated Config. Every later step reads only the Config.
+
+Flags are grouped by concern (data, model, optimisation, precision, distribution,
+output) so that a flagfile in configs/ reads like a table of every knob of a recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+from absl import flags
+
+from cifar_dist.errors import ConfigError
+
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
+DATASETS = ("cifar10", "folder", "synthetic")
+DTYPES = ("float32", "float16", "bfloat16")
+MODELS = ("seed", "tiny")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+LR_SCALING = ("none", "linear", "sqrt")
+CLUSTERS = ("auto", "tf_config", "slurm")
+ALL_REDUCE = ("auto", "ring", "nccl")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # data
+    dataset: str = "cifar10"
+    data_dir: str = ""
+    download: bool = False
+    validation_size: int = 0
+    train_subset: int = 0
+    test_subset: int = 0
+    synthetic_train_size: int = 1024
+    synthetic_test_size: int = 256
+    augment: bool = True
+    # model
+    model: str = "seed"
+    # optimisation
+    batch_size: int = 256
+    train_epochs: int = 1
+    train_steps: int = 0
+    optimizer: str = "sgd"
+    learning_rate: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    schedule: str = "onecycle"
+    warmup_fraction: float = 0.15
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    lr_scaling: str = "none"
+    base_batch_size: int = 256
+    seed: int = 0
+    # precision and compilation
+    dtype: str = "float32"
+    jit_compile: bool = True
+    deterministic: bool = False
+    # distribution
+    strategy: str = "one_device"
+    num_gpus: int = -1
+    num_cpu_devices: int = 0
+    cluster: str = "auto"
+    all_reduce: str = "auto"
+    collective_timeout: float = 300.0
+    sync_batch_norm: bool = False
+    # output
+    model_dir: str = ""
+    checkpoint_steps: int = 0
+    keep_checkpoints: int = 3
+    log_steps: int = 50
+    skip_eval: bool = False
+    enable_tensorboard: bool = True
+    export: bool = True
+
+    def __post_init__(self):
+        validate(self)
+
+    def replace(self, **changes) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def dtype_policy(self) -> str:
+        return {"float32": "float32", "float16": "mixed_float16",
+                "bfloat16": "mixed_bfloat16"}[self.dtype]
+
+
+def _choice(name, value, allowed):
+    if value not in allowed:
+        raise ConfigError(f"--{name}={value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need no hardware; strategy-dependent checks live in distribute.py."""
+    _choice("strategy", cfg.strategy, STRATEGIES)
+    _choice("dataset", cfg.dataset, DATASETS)
+    _choice("dtype", cfg.dtype, DTYPES)
+    _choice("model", cfg.model, MODELS)
+    _choice("optimizer", cfg.optimizer, OPTIMIZERS)
+    _choice("schedule", cfg.schedule, SCHEDULES)
+    _choice("lr_scaling", cfg.lr_scaling, LR_SCALING)
+    _choice("cluster", cfg.cluster, CLUSTERS)
+    _choice("all_reduce", cfg.all_reduce, ALL_REDUCE)
+    positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
+                "log_steps": cfg.log_steps, "keep_checkpoints": cfg.keep_checkpoints,
+                "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout}
+    for name, value in positive.items():
+        if not value > 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
+    non_negative = {"train_epochs": cfg.train_epochs, "train_steps": cfg.train_steps,
+                    "validation_size": cfg.validation_size, "train_subset": cfg.train_subset,
+                    "test_subset": cfg.test_subset, "checkpoint_steps": cfg.checkpoint_steps,
+                    "num_cpu_devices": cfg.num_cpu_devices, "weight_decay": cfg.weight_decay,
+                    "synthetic_train_size": cfg.synthetic_train_size,
+                    "synthetic_test_size": cfg.synthetic_test_size}
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"--{name} must be >= 0, got {value}")
+    if cfg.train_epochs == 0 and cfg.train_steps == 0:
+        raise ConfigError("set --train_epochs or --train_steps to a positive number")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise ConfigError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
+    if not 0 <= cfg.warmup_fraction < 1:
+        raise ConfigError(f"--warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    if not 0 <= cfg.momentum < 1:
+        raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
+    if cfg.dataset in ("cifar10", "folder") and not cfg.data_dir:
+        raise ConfigError(f"--dataset={cfg.dataset} needs --data_dir (e.g. --data_dir=../shared/data)"
+                          " or use --dataset=synthetic")
+    if cfg.num_cpu_devices and cfg.strategy not in ("mirrored", "default"):
+        raise ConfigError("--num_cpu_devices splits the CPU for --strategy=mirrored; "
+                          f"it does nothing with --strategy={cfg.strategy}")
+
+
+# --------------------------------------------------------------------------- flags
+
+def define_flags() -> None:
+    """Defines one absl flag per Config field, with the field's default. Idempotent."""
+    if "batch_size" in flags.FLAGS:
+        return
+    d = Config.__dataclass_fields__
+    help_text = {
+        "dataset": "cifar10 (local python layout or TFDS), folder (class subfolders of images), synthetic",
+        "data_dir": "cifar10: folder with cifar-10-batches-py/, that folder, cifar-10-python.tar.gz, "
+                    "or a TFDS data_dir; folder: root with one subfolder per class (train/ and test/ "
+                    "subfolders are used as splits when present)",
+        "download": "let TFDS download CIFAR-10 when no local copy is found (needs internet)",
+        "validation_size": "hold out this many training images (deterministic) as a validation "
+                           "split; evaluation then uses it instead of the test split",
+        "train_subset": "use only the first N training images (0 = all): smoke runs and tests",
+        "test_subset": "use only the first N test images (0 = all)",
+        "synthetic_train_size": "number of random training images for --dataset=synthetic",
+        "synthetic_test_size": "number of random test images for --dataset=synthetic",
+        "augment": "the seed's augmentation on the device: rotation +/-15 deg, 10%% shifts, flip",
+        "model": "seed (the published 2.2M-parameter residual net) or tiny (for tests)",
+        "batch_size": "GLOBAL batch size, summed over all replicas and workers",
+        "train_epochs": "epochs to train (ignored when --train_steps > 0)",
+        "train_steps": "total optimizer steps (overrides --train_epochs when > 0)",
+        "optimizer": "sgd (momentum, Nesterov by default), adam or adamw",
+        "learning_rate": "peak learning rate at --base_batch_size (see --lr_scaling)",
+        "momentum": "SGD momentum",
+        "nesterov": "Nesterov momentum for SGD",
+        "schedule": "onecycle (linear warmup then linear decay to 0), cosine (warmup then cosine), constant",
+        "warmup_fraction": "fraction of all steps spent warming the learning rate up from 0",
+        "weight_decay": "decoupled weight decay (not applied to biases and BatchNorm)",
+        "label_smoothing": "label smoothing of the categorical cross-entropy",
+        "lr_scaling": "how the peak learning rate scales when --batch_size differs from "
+                      "--base_batch_size: none, linear (Goyal et al.) or sqrt",
+        "base_batch_size": "the global batch size --learning_rate was tuned for",
+        "seed": "seed of data order, augmentation and initialisation",
+        "dtype": "float32, float16 (mixed, dynamic loss scaling) or bfloat16 (mixed)",
+        "jit_compile": "compile the per-replica step (augmentation, forward, loss, gradients) with XLA",
+        "deterministic": "enable TensorFlow op determinism (bitwise-reproducible runs, slower)",
+        "strategy": "one_device, mirrored (all local GPUs or --num_cpu_devices), multi_worker, default",
+        "num_gpus": "mirrored: number of local GPUs to use (-1 = all)",
+        "num_cpu_devices": "mirrored without GPUs: split the CPU into N logical devices (N replicas)",
+        "cluster": "multi_worker: where the cluster comes from: auto (TF_CONFIG, else SLURM), tf_config, slurm",
+        "all_reduce": "cross-device all-reduce: auto (NCCL on GPUs, ring otherwise), ring, nccl",
+        "collective_timeout": "seconds any collective may wait for a peer before the run fails",
+        "sync_batch_norm": "synchronise BatchNorm batch statistics across all replicas",
+        "model_dir": "where checkpoints, logs, metrics.json and the exported model go",
+        "checkpoint_steps": "save a checkpoint every N steps (0 = only at epoch ends)",
+        "keep_checkpoints": "checkpoints kept in model_dir",
+        "log_steps": "log loss, accuracy and images/s every N steps",
+        "skip_eval": "skip the evaluation at each epoch end",
+        "enable_tensorboard": "write TensorBoard summaries into model_dir/tensorboard",
+        "export": "export a SavedModel and a .keras file into model_dir/export at the end",
+    }
+    for name, field in d.items():
+        default = field.default
+        text = help_text.get(name, name)
+        if isinstance(default, bool):
+            flags.DEFINE_bool(name, default, text)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(name, default, text)
+        elif isinstance(default, float):
+            flags.DEFINE_float(name, default, text)
+        else:
+            flags.DEFINE_string(name, default, text)
+
+
+def from_flags(flag_values=None) -> Config:
+    fv = flag_values or flags.FLAGS
+    values = {name: fv[name].value for name in Config.__dataclass_fields__}
+    if values["data_dir"]:
+        values["data_dir"] = os.path.expanduser(values["data_dir"])
+    if values["model_dir"]:
+        values["model_dir"] = os.path.expanduser(values["model_dir"])
+    return Config(**values)

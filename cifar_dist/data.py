@@ -1,0 +1,268 @@
+"""Every data source -> uint8 images [N, 32, 32, 3] + int32 labels in host memory, per split.
+
+Sources:
+  cifar10 (local)  the official python layout: a folder holding cifar-10-batches-py/,
+                   that folder itself, or cifar-10-python.tar.gz (read without extracting)
+  cifar10 (TFDS)   a prepared TensorFlow Datasets data_dir, or a download with --download
+  folder           class-named subfolders of PNG/JPEG images (see images.py)
+  synthetic        random data of the right shapes
+
+Pickled batch files are read with a restricted unpickler that can only rebuild numpy
+arrays and plain containers: a file whose unpickling would import anything else (and
+so could run code) is rejected. Every problem is a DataError with one clear line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+import tarfile
+from typing import Optional
+
+import numpy as np
+
+from cifar_dist.errors import DataError
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")
+IMAGE_SHAPE = (32, 32, 3)
+BATCH_FOLDER = "cifar-10-batches-py"
+TARBALL = "cifar-10-python.tar.gz"
+TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_FILE = "test_batch"
+META_FILE = "batches.meta"
+# The validation split is the same whatever the run seed, so tuning runs compare fairly.
+VALIDATION_SEED = 20240229
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    images: np.ndarray  # uint8 [N, 32, 32, 3]
+    labels: np.ndarray  # int32 [N]
+
+    def __len__(self):
+        return int(self.labels.shape[0])
+
+    def take(self, n: int) -> "Split":
+        return Split(self.images[:n], self.labels[:n]) if n else self
+
+
+@dataclasses.dataclass(frozen=True)
+class DataBundle:
+    train: Split
+    test: Split
+    class_names: tuple
+    validation: Optional[Split] = None
+    source: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def eval_split(self) -> Split:
+        """What per-epoch evaluation reports on: validation when held out, else test."""
+        return self.validation if self.validation is not None else self.test
+
+    @property
+    def eval_split_name(self) -> str:
+        return "validation" if self.validation is not None else "test"
+
+
+# --------------------------------------------------------------------------- safe unpickling
+
+try:  # numpy 2 moved it; numpy.core still works there but warns
+    from numpy._core.multiarray import _reconstruct as _NUMPY_RECONSTRUCT
+except ImportError:  # numpy 1
+    from numpy.core.multiarray import _reconstruct as _NUMPY_RECONSTRUCT
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Rebuilds numpy arrays and plain containers only; refuses every other global."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how Python 3 writes bytes into protocol-2 pickles
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        if name == "_reconstruct":
+            return _NUMPY_RECONSTRUCT
+        if module == "_codecs":
+            import codecs  # noqa: PLC0415
+            return codecs.encode
+        return getattr(np, name)
+
+
+def safe_unpickle(data: bytes, what: str) -> dict:
+    try:
+        obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except pickle.UnpicklingError as e:
+        raise DataError(f"{what}: not a CIFAR-10 batch file ({e})") from None
+    except Exception as e:  # truncated/corrupt files raise many types (EOFError, ValueError, ...)
+        raise DataError(f"{what}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{what}: expected a dict, found {type(obj).__name__}")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def parse_batch(data: bytes, what: str) -> Split:
+    d = safe_unpickle(data, what)
+    if "data" not in d or "labels" not in d:
+        raise DataError(f"{what}: missing 'data' or 'labels' (keys: {sorted(map(str, d))})")
+    raw, labels = d["data"], d["labels"]
+    if not isinstance(raw, np.ndarray) or raw.dtype != np.uint8 or raw.ndim != 2 \
+            or raw.shape[1] != 3072:
+        shape = getattr(raw, "shape", None)
+        dtype = getattr(raw, "dtype", type(raw).__name__)
+        raise DataError(f"{what}: 'data' must be uint8 [N, 3072], found {dtype} {shape}")
+    try:
+        labels = np.asarray(labels, dtype=np.int64)
+    except (TypeError, ValueError, OverflowError):
+        raise DataError(f"{what}: 'labels' is not a list of integers") from None
+    if labels.ndim != 1 or labels.shape[0] != raw.shape[0]:
+        raise DataError(f"{what}: {raw.shape[0]} images but labels of shape {labels.shape}")
+    images = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+
+
+def _concat(splits) -> Split:
+    return Split(np.concatenate([s.images for s in splits]),
+                 np.concatenate([s.labels for s in splits]))
+
+
+# --------------------------------------------------------------------------- local cifar10
+
+def find_local_cifar10(data_dir: str) -> Optional[str]:
+    """Path of a local CIFAR-10 python copy under data_dir, or None."""
+    for candidate in (os.path.join(data_dir, BATCH_FOLDER), data_dir):
+        if os.path.isfile(os.path.join(candidate, TEST_FILE)) or \
+                os.path.isfile(os.path.join(candidate, TRAIN_FILES[0])):
+            return candidate
+    for candidate in (os.path.join(data_dir, TARBALL), data_dir):
+        if candidate.endswith(".tar.gz") and os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def _read_members(path: str, names) -> dict:
+    """Reads the named batch files from a folder or a tarball, as bytes."""
+    out = {}
+    if os.path.isdir(path):
+        for name in names:
+            full = os.path.join(path, name)
+            if not os.path.isfile(full):
+                raise DataError(f"{full}: missing (expected the official CIFAR-10 python layout)")
+            with open(full, "rb") as f:
+                out[name] = f.read()
+        return out
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            for name in names:
+                if name not in members:
+                    raise DataError(f"{path}: has no {BATCH_FOLDER}/{name}")
+                out[name] = tar.extractfile(members[name]).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{path}: unreadable tarball ({e})") from None
+    return out
+
+
+def load_local_cifar10(path: str) -> DataBundle:
+    files = _read_members(path, TRAIN_FILES + (TEST_FILE,))
+    train = _concat([parse_batch(files[n], os.path.join(path, n)) for n in TRAIN_FILES])
+    test = parse_batch(files[TEST_FILE], os.path.join(path, TEST_FILE))
+    return DataBundle(train, test, CIFAR10_CLASSES, source=f"cifar10 python layout at {path}")
+
+
+# --------------------------------------------------------------------------- TFDS
+
+def load_tfds_cifar10(data_dir: str, download: bool) -> DataBundle:
+    import tensorflow_datasets as tfds  # noqa: PLC0415 (slow import, only when used)
+
+    try:
+        splits, info = tfds.load("cifar10", split=["train", "test"], data_dir=data_dir or None,
+                                 download=download, batch_size=-1, as_supervised=True,
+                                 with_info=True)
+    except Exception as e:  # noqa: BLE001 - TFDS raises AssertionError, DatasetNotFoundError, ...
+        hint = ("no local copy and no TFDS data there; pass --data_dir=DIR where DIR holds "
+                f"{BATCH_FOLDER}/ or {TARBALL} or a prepared TFDS 'cifar10' folder"
+                + ("" if download else ", or add --download on a machine with internet"))
+        raise DataError(f"CIFAR-10 not found in {data_dir!r}: {hint} "
+                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    (tr_x, tr_y), (te_x, te_y) = [tfds.as_numpy(s) for s in splits]
+    names = tuple(info.features["label"].names)
+    bundle = DataBundle(Split(tr_x.astype(np.uint8), tr_y.astype(np.int32)),
+                        Split(te_x.astype(np.uint8), te_y.astype(np.int32)), names,
+                        source=f"tfds cifar10 at {data_dir or 'default data_dir'}")
+    return bundle
+
+
+# --------------------------------------------------------------------------- synthetic
+
+def load_synthetic(train_size: int, test_size: int, num_classes: int = 10, seed: int = 0):
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        return Split(rng.integers(0, 256, size=(n,) + IMAGE_SHAPE, dtype=np.uint8),
+                     rng.integers(0, num_classes, size=(n,), dtype=np.int32))
+
+    return DataBundle(split(train_size), split(test_size), CIFAR10_CLASSES[:num_classes],
+                      source="synthetic")
+
+
+# --------------------------------------------------------------------------- checks, entry
+
+def check_split(split: Split, num_classes: int, what: str) -> None:
+    if split.images.dtype != np.uint8 or split.images.shape[1:] != IMAGE_SHAPE:
+        raise DataError(f"{what}: images must be uint8 [N, 32, 32, 3], found "
+                        f"{split.images.dtype} {split.images.shape}")
+    if split.labels.shape != (split.images.shape[0],):
+        raise DataError(f"{what}: {split.images.shape[0]} images but {split.labels.shape} labels")
+    if len(split) == 0:
+        raise DataError(f"{what}: no images")
+    low, high = int(split.labels.min()), int(split.labels.max())
+    if low < 0 or high >= num_classes:
+        raise DataError(f"{what}: label {low if low < 0 else high} outside 0..{num_classes - 1}")
+
+
+def hold_out_validation(bundle: DataBundle, size: int) -> DataBundle:
+    """Moves `size` training images (a fixed, seed-independent choice) into a validation split."""
+    n = len(bundle.train)
+    if size >= n:
+        raise DataError(f"--validation_size={size} leaves no training images (train has {n})")
+    order = np.random.default_rng(VALIDATION_SEED).permutation(n)
+    keep, held = np.sort(order[:n - size]), np.sort(order[n - size:])
+    tr = bundle.train
+    return dataclasses.replace(bundle, train=Split(tr.images[keep], tr.labels[keep]),
+                               validation=Split(tr.images[held], tr.labels[held]))
+
+
+def load(cfg) -> DataBundle:
+    """The DataBundle a Config asks for, validated."""
+    if cfg.dataset == "synthetic":
+        bundle = load_synthetic(cfg.synthetic_train_size, cfg.synthetic_test_size, seed=cfg.seed)
+    elif cfg.dataset == "folder":
+        from cifar_dist.images import load_image_folder  # noqa: PLC0415
+        bundle = load_image_folder(cfg.data_dir)
+    else:
+        if not os.path.exists(cfg.data_dir):
+            raise DataError(f"--data_dir={cfg.data_dir}: no such file or folder")
+        local = find_local_cifar10(cfg.data_dir)
+        bundle = (load_local_cifar10(local) if local
+                  else load_tfds_cifar10(cfg.data_dir, cfg.download))
+    if cfg.validation_size:
+        bundle = hold_out_validation(bundle, cfg.validation_size)
+    bundle = dataclasses.replace(
+        bundle, train=bundle.train.take(cfg.train_subset), test=bundle.test.take(cfg.test_subset))
+    for name in ("train", "test", "validation"):
+        split = getattr(bundle, name)
+        if split is not None:
+            check_split(split, bundle.num_classes, f"{bundle.source}: {name} split")
+    return bundle

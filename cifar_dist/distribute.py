@@ -1,0 +1,183 @@
+"""Devices, cluster and strategy: one function maps --strategy to a tf.distribute strategy.
+
+Call `make_strategy` first thing in the program, before any TensorFlow op runs: logical
+CPU devices and collective ops can only be configured at start-up.
+
+  one_device    the first GPU, else the CPU
+  mirrored      all local GPUs (or --num_gpus), or --num_cpu_devices logical CPUs
+  multi_worker  MultiWorkerMirroredStrategy; the cluster comes from TF_CONFIG or SLURM
+  default       TensorFlow's default strategy (no distribution)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+
+import tensorflow as tf
+from absl import logging
+
+from cifar_dist.errors import ClusterError, ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterInfo:
+    """Where this process sits: workers, its index, and whether it writes model_dir."""
+
+    num_workers: int = 1
+    worker_index: int = 0
+
+    @property
+    def is_chief(self) -> bool:
+        return self.worker_index == 0
+
+
+# --------------------------------------------------------------------------- cluster resolution
+
+def parse_tf_config(raw: str) -> dict:
+    """Validates TF_CONFIG and returns it; every problem names the variable."""
+    try:
+        tf_config = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ClusterError(f"TF_CONFIG is not valid JSON ({e})") from None
+    if not isinstance(tf_config, dict):
+        raise ClusterError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
+    cluster, task = tf_config.get("cluster"), tf_config.get("task")
+    if not isinstance(cluster, dict) or not cluster:
+        raise ClusterError("TF_CONFIG has no 'cluster' (e.g. {\"worker\": [\"host1:port\", ...]})")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ClusterError("TF_CONFIG has no 'task' with 'type' and 'index'")
+    jobs = {name: hosts for name, hosts in cluster.items()}
+    for name, hosts in jobs.items():
+        if not isinstance(hosts, list) or not hosts or not all(
+                isinstance(h, str) and ":" in h for h in hosts):
+            raise ClusterError(f"TF_CONFIG cluster.{name} must be a list of 'host:port' strings")
+    if task["type"] not in jobs:
+        raise ClusterError(f"TF_CONFIG task.type={task['type']!r} is not a job in cluster "
+                           f"({', '.join(jobs)})")
+    if not isinstance(task["index"], int) or not 0 <= task["index"] < len(jobs[task["type"]]):
+        raise ClusterError(f"TF_CONFIG task.index={task['index']!r} is out of range for "
+                           f"{len(jobs[task['type']])} {task['type']} task(s)")
+    if set(jobs) - {"worker", "chief"}:
+        raise ClusterError(f"TF_CONFIG jobs {sorted(set(jobs) - {'worker', 'chief'})} are not "
+                           "used by multi_worker: list every process under 'worker'")
+    return tf_config
+
+
+def slurm_port_base() -> int:
+    """A per-job port range, so two jobs sharing a node do not collide (8 ports per job)."""
+    job_id = os.environ.get("SLURM_JOB_ID", "0")
+    if not job_id.isdigit():
+        raise ClusterError(f"SLURM_JOB_ID={job_id!r} is not a number")
+    return 15000 + (int(job_id) % 5000) * 8
+
+
+def slurm_resolver():
+    """SlurmClusterResolver, with the CPU-node pitfalls handled (see BUILD_NOTES.md)."""
+    for name in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
+                 "SLURM_STEP_TASKS_PER_NODE"):
+        if name not in os.environ:
+            raise ClusterError(f"{name} is not set: run multi_worker under `srun` inside an "
+                               "allocation (sbatch slurm/train.sh), or set TF_CONFIG")
+    procid, ntasks = os.environ["SLURM_PROCID"], os.environ["SLURM_STEP_NUM_TASKS"]
+    if not (procid.isdigit() and ntasks.isdigit()) or int(procid) >= int(ntasks):
+        raise ClusterError(f"SLURM_PROCID={procid!r} and SLURM_STEP_NUM_TASKS={ntasks!r} are "
+                           "inconsistent")
+    kwargs = {"port_base": slurm_port_base()}
+    if shutil.which("nvidia-smi") is None:
+        # No GPUs: the resolver would run nvidia-smi to count them and crash. Tell it each
+        # task has one (unused) "GPU" slot and leave CUDA_VISIBLE_DEVICES alone.
+        per_node = max(int(x.split("(")[0]) for x in
+                       os.environ["SLURM_STEP_TASKS_PER_NODE"].split(","))
+        kwargs.update(gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
+    try:
+        return tf.distribute.cluster_resolver.SlurmClusterResolver(**kwargs)
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise ClusterError(f"SLURM variables cannot describe a cluster: {e}") from None
+
+
+def cluster_resolver(cfg):
+    source = cfg.cluster
+    if source == "auto":
+        if "TF_CONFIG" in os.environ:
+            source = "tf_config"
+        elif "SLURM_PROCID" in os.environ and "SLURM_STEP_NUM_TASKS" in os.environ:
+            source = "slurm"
+        else:
+            raise ClusterError("--strategy=multi_worker needs a cluster: set TF_CONFIG "
+                               "(launch/local.py does), or run under srun (slurm/train.sh)")
+    if source == "tf_config":
+        if "TF_CONFIG" not in os.environ:
+            raise ClusterError("--cluster=tf_config but TF_CONFIG is not set")
+        parse_tf_config(os.environ["TF_CONFIG"])
+        return tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    return slurm_resolver()
+
+
+# --------------------------------------------------------------------------- strategies
+
+def _communication(cfg):
+    impl = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
+            "ring": tf.distribute.experimental.CommunicationImplementation.RING,
+            "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}[cfg.all_reduce]
+    return tf.distribute.experimental.CommunicationOptions(
+        implementation=impl, timeout_seconds=cfg.collective_timeout)
+
+
+def _split_cpu(n: int) -> None:
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+    except RuntimeError as e:
+        raise ClusterError(f"cannot split the CPU into {n} devices after TensorFlow started "
+                           f"({e}); make_strategy must run first") from None
+
+
+def make_strategy(cfg):
+    """Returns (strategy, ClusterInfo). Must run before any other TensorFlow op."""
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:  # take GPU memory as needed, so several processes can share a node in tests
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:
+            pass
+    if cfg.all_reduce == "nccl" and not gpus:
+        raise ConfigError("--all_reduce=nccl needs GPUs; use ring (or auto) on CPUs")
+
+    if cfg.strategy == "default":
+        return tf.distribute.get_strategy(), ClusterInfo()
+    if cfg.strategy == "one_device":
+        return tf.distribute.OneDeviceStrategy("/gpu:0" if gpus else "/cpu:0"), ClusterInfo()
+    if cfg.strategy == "mirrored":
+        if gpus and not cfg.num_cpu_devices:
+            n = len(gpus) if cfg.num_gpus < 0 else cfg.num_gpus
+            if not 1 <= n <= len(gpus):
+                raise ConfigError(f"--num_gpus={cfg.num_gpus} but {len(gpus)} GPU(s) are visible")
+            devices = [f"/gpu:{i}" for i in range(n)]
+            cross = {"nccl": tf.distribute.NcclAllReduce(),
+                     "ring": tf.distribute.HierarchicalCopyAllReduce()}.get(cfg.all_reduce)
+        else:
+            n = cfg.num_cpu_devices or 1
+            if cfg.num_gpus > 0 and not gpus:
+                raise ConfigError(f"--num_gpus={cfg.num_gpus} but no GPU is visible; "
+                                  "use --num_cpu_devices=N to run N replicas on the CPU")
+            if n > 1:
+                _split_cpu(n)
+            devices = [f"/cpu:{i}" for i in range(n)]
+            cross = None  # MirroredStrategy picks collective all-reduce for CPU devices
+        logging.info("MirroredStrategy on %s", devices)
+        return tf.distribute.MirroredStrategy(devices, cross_device_ops=cross), ClusterInfo()
+
+    # multi_worker
+    resolver = cluster_resolver(cfg)
+    strategy = tf.distribute.MultiWorkerMirroredStrategy(
+        cluster_resolver=resolver, communication_options=_communication(cfg))
+    spec = resolver.cluster_spec().as_dict()
+    workers = sum(len(v) if isinstance(v, list) else len(v.values()) for v in spec.values())
+    task_type, task_id = resolver.task_type, resolver.task_id
+    index = task_id + (1 if task_type == "worker" and "chief" in spec else 0)
+    logging.info("MultiWorkerMirroredStrategy: %s:%d of %d workers", task_type, task_id, workers)
+    return strategy, ClusterInfo(num_workers=workers, worker_index=index)

@@ -1,0 +1,114 @@
+"""Image files -> uint8 [32, 32, 3]: the folder data source and `predict` share this.
+
+Any size is resized to 32x32 (area averaging when shrinking); grayscale, palette, CMYK,
+RGBA (alpha dropped) and 16-bit images are converted to 8-bit RGB; an animated image
+contributes its first frame. Decompression bombs (more than MAX_PIXELS pixels) are
+refused before any pixel is decoded, so memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image
+
+from cifar_dist.errors import DataError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_PIXELS = 40_000_000  # ~ a 6300x6300 photo; a bomb claims far more
+SIZE = 32
+
+
+class ImageError(DataError):
+    """One unreadable image (predict reports it and goes on)."""
+
+
+def _to_rgb8(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits by the format's range, not by clipping.
+        arr = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr, mode="L")
+    return img.convert("RGB")
+
+
+def load_image(path: str):
+    """Returns (uint8 [32, 32, 3], original (width, height)). Raises ImageError."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width <= 0 or height <= 0:
+                    raise ImageError(f"{path}: image has zero size")
+                if width * height > MAX_PIXELS:
+                    raise ImageError(f"{path}: {width}x{height} is larger than the "
+                                     f"{MAX_PIXELS:,}-pixel limit (decompression bomb?)")
+                img.seek(0)  # animated: first frame
+                img.draft("RGB", (SIZE * 2, SIZE * 2))  # JPEG: decode at reduced size, cheaply
+                rgb = _to_rgb8(img)
+                if rgb.size != (SIZE, SIZE):
+                    rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BOX if min(rgb.size) >= SIZE
+                                     else Image.Resampling.BILINEAR)
+                return np.asarray(rgb, dtype=np.uint8), (width, height)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"{path}: refused, too many pixels ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL raises these for bad files
+        raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+
+
+def list_images(folder: str):
+    """Image files under folder, recursively, in sorted order."""
+    out = []
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        out.extend(os.path.join(root, f) for f in sorted(files)
+                   if f.lower().endswith(IMAGE_EXTENSIONS))
+    return out
+
+
+def _load_class_folders(root: str, class_names=None):
+    if class_names is None:
+        class_names = tuple(sorted(d for d in os.listdir(root)
+                                   if os.path.isdir(os.path.join(root, d))))
+    if not class_names:
+        raise DataError(f"{root}: no class subfolders (expected ROOT/<class name>/<images>)")
+    images, labels = [], []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(root, name)
+        if not os.path.isdir(folder):
+            raise DataError(f"{root}: class folder {name!r} is missing (present in train/)")
+        for path in list_images(folder):
+            images.append(load_image(path)[0])
+            labels.append(label)
+    if not images:
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
+    return np.stack(images), np.asarray(labels, np.int32), class_names
+
+
+def load_image_folder(root: str):
+    """ROOT/train/<class>/*, ROOT/test/<class>/* ; or ROOT/<class>/* with a 10% test holdout."""
+    from cifar_dist.data import DataBundle, Split  # noqa: PLC0415 (data imports us lazily)
+
+    if not os.path.isdir(root):
+        raise DataError(f"--data_dir={root}: not a folder")
+    train_root, test_root = os.path.join(root, "train"), os.path.join(root, "test")
+    if os.path.isdir(train_root):
+        x, y, names = _load_class_folders(train_root)
+        if os.path.isdir(test_root):
+            tx, ty, _ = _load_class_folders(test_root, names)
+            return DataBundle(Split(x, y), Split(tx, ty), names, source=f"image folder {root}")
+    else:
+        x, y, names = _load_class_folders(root)
+    # No test/ folder: every 10th image (a fixed choice) is the test split.
+    test = np.zeros(len(y), bool)
+    test[::10] = True
+    if test.all():
+        raise DataError(f"{root}: too few images to hold out a test split")
+    return DataBundle(Split(x[~test], y[~test]), Split(x[test], y[test]), names,
+                      source=f"image folder {root}")

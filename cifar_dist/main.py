@@ -1,0 +1,94 @@
+"""Command line: train, evaluate and export.
+
+    python -m cifar_dist.main --flagfile=configs/smoke.cfg --data_dir=../shared/data \
+        --model_dir=/tmp/run [--strategy=mirrored --num_cpu_devices=2]
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 4 the loss
+diverged (last good checkpoint kept); 75 stopped by a signal after saving a checkpoint
+(rerun the same command to resume).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+from absl import app, flags, logging  # noqa: E402
+
+from cifar_dist import config as config_lib  # noqa: E402
+from cifar_dist.errors import Preempted, TrainingDiverged, UserError  # noqa: E402
+
+config_lib.define_flags()
+FLAGS = flags.FLAGS
+
+
+def check_model_dir(path: str) -> None:
+    """model_dir must be creatable and writable; checked before anything is written."""
+    from cifar_dist.errors import ConfigError  # noqa: PLC0415
+
+    if not path:
+        raise ConfigError("--model_dir is required (where checkpoints and metrics.json go)")
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(os.path.abspath(probe))
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise ConfigError(f"--model_dir={path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--model_dir={path}: {probe} is not writable")
+
+
+def train_main(cfg) -> dict:
+    # Order matters: the strategy (devices, collectives) must exist before any other op.
+    from cifar_dist import data, distribute, train  # noqa: PLC0415
+
+    check_model_dir(cfg.model_dir)
+    strategy, cluster = distribute.make_strategy(cfg)
+    bundle = data.load(cfg)
+    logging.info("data: %s; train %d, test %d%s", bundle.source, len(bundle.train),
+                 len(bundle.test), f", validation {len(bundle.validation)}"
+                 if bundle.validation is not None else "")
+    trainer = train.Trainer(cfg, strategy, cluster, bundle)
+    metrics = trainer.run()
+    if cluster.is_chief and cfg.export:
+        from cifar_dist import export  # noqa: PLC0415
+        export.export_model(trainer.model, bundle.class_names,
+                            os.path.join(cfg.model_dir, "export"))
+    return metrics
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    try:
+        cfg = config_lib.from_flags()
+        metrics = train_main(cfg)
+    except (UserError, TrainingDiverged, Preempted) as e:
+        print(f"cifar_dist: error: {e}" if isinstance(e, UserError) else f"cifar_dist: {e}",
+              file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(f"test_accuracy={metrics['test_accuracy']:.4f} test_loss={metrics['test_loss']:.4f} "
+          f"images_per_second={metrics['images_per_second']:.1f} "
+          f"wall_seconds={metrics['wall_seconds']:.0f} model_dir={cfg.model_dir}")
+
+
+def parse_flags(argv):
+    """absl exits 1 on a bad flag; we promise exit status 2 and one line."""
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:
+        print(f"cifar_dist: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run():
+    """Console-script entry point."""
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

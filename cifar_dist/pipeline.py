@@ -1,0 +1,111 @@
+"""Host arrays -> tf.data: uint8 batches, one stream per worker, every example once per epoch.
+
+The order of a whole run is a pure function of (seed, epoch): epoch e visits the
+training set in the order of a stateless permutation (tf.random.experimental.index_shuffle).
+Global step s of that epoch takes positions [s*B, (s+1)*B) of it (B = global batch);
+global replica r of that step takes the r-th slice of B / replicas of those. Each worker
+builds only its own replicas' slices. So:
+  * every example is seen exactly once per epoch across all replicas and workers, except
+    the N mod B left over at the end of the permutation (dropped: every step has full,
+    equal batches on every replica);
+  * 1 replica with batch B and R replicas with B / R see the same examples in each step;
+  * resuming at step s reproduces the data order exactly, with no state to save.
+
+Batches are gathered from the in-memory arrays with one tf.gather per batch (no per-image
+Python), stay uint8 to the device (4x fewer bytes than float32) and are prefetched.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+from cifar_dist.errors import ConfigError
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    steps = num_examples // global_batch
+    if steps == 0:
+        raise ConfigError(f"--batch_size={global_batch} is larger than the {num_examples} "
+                          "training images: lower --batch_size")
+    return steps
+
+
+def epoch_order(seed: int, epoch, num_examples: int, length: int) -> tf.Tensor:
+    """The first `length` positions of epoch `epoch`'s permutation of range(num_examples)."""
+    key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.experimental.index_shuffle(
+        tf.range(length, dtype=tf.int64), seed=key, max_index=num_examples - 1)
+
+
+def train_dataset(images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,
+                  start_step: int, total_steps: int, num_replicas: int,
+                  pipeline_id: int = 0, num_pipelines: int = 1) -> tf.data.Dataset:
+    """Per-replica batches (images uint8, labels int32, example ids int64) for one worker.
+
+    Elements come in the order the distributed iterator hands them to this worker's
+    replicas: step by step, local replica 0, 1, ... within each step.
+    """
+    if global_batch % num_replicas:
+        raise ConfigError(f"--batch_size={global_batch} does not divide among {num_replicas} "
+                          f"replicas: use a multiple of {num_replicas}")
+    if num_replicas % num_pipelines:
+        raise ConfigError(f"{num_replicas} replicas do not divide among {num_pipelines} workers")
+    n = int(labels.shape[0])
+    per_replica = global_batch // num_replicas
+    local = num_replicas // num_pipelines
+    steps = steps_per_epoch(n, global_batch)
+    start_epoch, offset = divmod(start_step, steps)
+    end_epoch = math.ceil(total_steps / steps)
+    images_t = tf.constant(images)
+    labels_t = tf.constant(labels, tf.int32)
+
+    def epoch_blocks(epoch):
+        order = epoch_order(seed, epoch, n, steps * global_batch)
+        order = tf.reshape(order, [steps, num_replicas, per_replica])
+        mine = order[:, pipeline_id * local:(pipeline_id + 1) * local]
+        first = tf.where(epoch == start_epoch, offset, 0)
+        return tf.data.Dataset.from_tensor_slices(tf.reshape(mine[first:], [-1, per_replica]))
+
+    def gather(ids):
+        return tf.gather(images_t, ids), tf.gather(labels_t, ids), ids
+
+    ds = tf.data.Dataset.range(start_epoch, max(end_epoch, start_epoch + 1))
+    ds = ds.flat_map(epoch_blocks).map(gather, num_parallel_calls=tf.data.AUTOTUNE)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE))
+
+
+def eval_dataset(images: np.ndarray, labels: np.ndarray, *, global_batch: int, num_replicas: int,
+                 pipeline_id: int = 0, num_pipelines: int = 1) -> tuple[tf.data.Dataset, int]:
+    """Per-replica batches (images, labels, weights) covering every example once, in order.
+
+    The last global batch is padded with weight-0 copies so that every replica runs the
+    same number of equal-shape steps. Returns the dataset and its number of steps.
+    """
+    n = int(labels.shape[0])
+    per_replica = global_batch // num_replicas
+    local = num_replicas // num_pipelines
+    steps = max(1, math.ceil(n / global_batch))
+    positions = np.arange(steps * global_batch).reshape(steps, num_replicas, per_replica)
+    mine = positions[:, pipeline_id * local:(pipeline_id + 1) * local].reshape(-1, per_replica)
+    weights = (mine < n).astype(np.float32)
+    ids = np.minimum(mine, n - 1)
+    images_t = tf.constant(images)
+    labels_t = tf.constant(labels, tf.int32)
+
+    def gather(batch_ids, batch_weights):
+        return tf.gather(images_t, batch_ids), tf.gather(labels_t, batch_ids), batch_weights
+
+    ds = tf.data.Dataset.from_tensor_slices((ids, weights)).map(gather)
+    return _with_options(ds.prefetch(tf.data.AUTOTUNE)), steps
+
+
+def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
+    options = tf.data.Options()
+    options.deterministic = True
+    # We shard by construction (each worker builds only its own slices); stop tf.distribute
+    # from sharding again.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return ds.with_options(options)
