@@ -14,8 +14,8 @@ black wedges the network could learn as a cue.
 Why not keras.layers.RandomRotation: its kernel (ImageProjectiveTransformV3) has no
 XLA implementation in TF 2.21. Here one inverse-affine sampling grid per image (flip,
 shift and rotation composed) is sampled with tf.gather(batch_dims=1), which compiles.
-Randomness is stateless (XLA ignores op-level seeds): the caller passes a seed made of
-(run seed, step, replica).
+Randomness is stateless (XLA ignores op-level seeds) and identical with and without XLA:
+the caller passes a seed made of (run seed, step, replica).
 """
 
 from __future__ import annotations
@@ -31,20 +31,49 @@ FLIP_PROBABILITY = 0.5
 
 def to_unit_float(images_u8: tf.Tensor) -> tf.Tensor:
     """uint8 [0, 255] -> float32 [0, 1]."""
-    return tf.cast(images_u8, tf.float32) * (1.0 / 255.0)
+    return tf.cast(images_u8, tf.float32) / 255.0
 
 
-def sample_params(seed: tf.Tensor, batch: int, height: int, width: int,
+def _hash32(x: tf.Tensor) -> tf.Tensor:
+    """A well-mixed uint32 -> uint32 hash (Wellons' lowbias32): plain integer arithmetic."""
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+    x = x * tf.constant(0x7FEB352D, tf.uint32)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
+    x = x * tf.constant(0x846CA68B, tf.uint32)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
+
+
+def stateless_uniforms(seed: tf.Tensor, streams: int, batch) -> tf.Tensor:
+    """float32 [streams, batch] uniform in [0, 1), a pure function of the int64 seed pair.
+
+    Counter-based hashing instead of tf.random.stateless_*: those give different numbers
+    under XLA than in the TF kernels (even with alg='philox'), and the step may run either
+    way (see train.py). Integer arithmetic gives identical draws on every device and path.
+    """
+    seed = tf.cast(seed, tf.int64)
+    low = tf.cast(tf.bitwise.bitwise_and(seed, 0xFFFFFFFF), tf.uint32)
+    high = tf.cast(tf.bitwise.right_shift(seed, 32) & 0xFFFFFFFF, tf.uint32)
+    key = _hash32(low[0] ^ tf.constant(0x3C6EF372, tf.uint32))
+    for part in (high[0], low[1], high[1]):
+        key = _hash32(key ^ part)
+    counter = tf.range(streams * batch)
+    counter = tf.cast(counter, tf.uint32) * tf.constant(0x9E3779B9, tf.uint32)
+    bits = _hash32(_hash32(counter ^ key) + key)
+    uniform = tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (1.0 / (1 << 24))
+    return tf.reshape(uniform, [streams, batch])
+
+
+def sample_params(seed: tf.Tensor, batch, height: int, width: int,
                   rotation_degrees: float = ROTATION_DEGREES,
                   shift_fraction: float = SHIFT_FRACTION,
                   flip_probability: float = FLIP_PROBABILITY):
     """Per-image (angle [rad], shift_x [px], shift_y [px], flip {0,1}) from a stateless seed."""
-    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), num=4)
+    u = stateless_uniforms(seed, 4, batch)
     max_angle = rotation_degrees * math.pi / 180.0
-    angle = tf.random.stateless_uniform([batch], seeds[0], -max_angle, max_angle)
-    shift_x = tf.random.stateless_uniform([batch], seeds[1], -1.0, 1.0) * (shift_fraction * width)
-    shift_y = tf.random.stateless_uniform([batch], seeds[2], -1.0, 1.0) * (shift_fraction * height)
-    flip = tf.cast(tf.random.stateless_uniform([batch], seeds[3]) < flip_probability, tf.float32)
+    angle = (2.0 * u[0] - 1.0) * max_angle
+    shift_x = (2.0 * u[1] - 1.0) * (shift_fraction * width)
+    shift_y = (2.0 * u[2] - 1.0) * (shift_fraction * height)
+    flip = tf.cast(u[3] < flip_probability, tf.float32)
     return angle, shift_x, shift_y, flip
 
 

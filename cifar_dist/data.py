@@ -73,10 +73,14 @@ class DataBundle:
 
 # --------------------------------------------------------------------------- safe unpickling
 
-try:  # numpy 2 moved it; numpy.core still works there but warns
-    from numpy._core.multiarray import _reconstruct as _NUMPY_RECONSTRUCT
+try:  # numpy 2 moved them; numpy.core still works there but warns
+    from numpy._core import multiarray as _multiarray
 except ImportError:  # numpy 1
-    from numpy.core.multiarray import _reconstruct as _NUMPY_RECONSTRUCT
+    from numpy.core import multiarray as _multiarray
+
+class _Refused(pickle.UnpicklingError):
+    """The pickle asked for something other than numpy arrays and plain containers."""
+
 
 class _RestrictedUnpickler(pickle.Unpickler):
     """Rebuilds numpy arrays and plain containers only; refuses every other global."""
@@ -84,6 +88,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
     _ALLOWED = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"),  # numpy integers in a re-pickled label list
+        ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
         ("_codecs", "encode"),  # how Python 3 writes bytes into protocol-2 pickles
@@ -91,9 +97,9 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        if name == "_reconstruct":
-            return _NUMPY_RECONSTRUCT
+            raise _Refused(f"refusing to load global {module}.{name}")
+        if module.endswith("multiarray"):
+            return getattr(_multiarray, name)
         if module == "_codecs":
             import codecs  # noqa: PLC0415
             return codecs.encode
@@ -103,7 +109,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def safe_unpickle(data: bytes, what: str) -> dict:
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise DataError(f"{what}: not a CIFAR-10 batch file ({e})") from None
     except Exception as e:  # truncated/corrupt files raise many types (EOFError, ValueError, ...)
         raise DataError(f"{what}: corrupt or truncated pickle ({type(e).__name__}: {e})") from None
@@ -183,20 +189,25 @@ def load_local_cifar10(path: str) -> DataBundle:
 
 # --------------------------------------------------------------------------- TFDS
 
+def _to_arrays(batches):
+    """(images, labels) batches -> two arrays (batch_size=-1 aborts under tfds mock_data)."""
+    xs, ys = zip(*batches)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
 def load_tfds_cifar10(data_dir: str, download: bool) -> DataBundle:
     import tensorflow_datasets as tfds  # noqa: PLC0415 (slow import, only when used)
 
     try:
         splits, info = tfds.load("cifar10", split=["train", "test"], data_dir=data_dir or None,
-                                 download=download, batch_size=-1, as_supervised=True,
-                                 with_info=True)
+                                 download=download, as_supervised=True, with_info=True)
     except Exception as e:  # noqa: BLE001 - TFDS raises AssertionError, DatasetNotFoundError, ...
         hint = ("no local copy and no TFDS data there; pass --data_dir=DIR where DIR holds "
                 f"{BATCH_FOLDER}/ or {TARBALL} or a prepared TFDS 'cifar10' folder"
                 + ("" if download else ", or add --download on a machine with internet"))
         raise DataError(f"CIFAR-10 not found in {data_dir!r}: {hint} "
                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    (tr_x, tr_y), (te_x, te_y) = [tfds.as_numpy(s) for s in splits]
+    (tr_x, tr_y), (te_x, te_y) = [_to_arrays(tfds.as_numpy(s.batch(10000))) for s in splits]
     names = tuple(info.features["label"].names)
     bundle = DataBundle(Split(tr_x.astype(np.uint8), tr_y.astype(np.int32)),
                         Split(te_x.astype(np.uint8), te_y.astype(np.int32)), names,

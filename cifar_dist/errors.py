@@ -29,6 +29,12 @@ class TrainingDiverged(Exception):
     exit_code = 4
 
 
+class PeerLost(Exception):
+    """Another worker died or stalled past --collective_timeout. Restart the whole group."""
+
+    exit_code = 3
+
+
 class Preempted(Exception):
     """SIGTERM/SIGINT/SIGUSR1 arrived; a checkpoint was saved. Rerun the same command to resume."""
 

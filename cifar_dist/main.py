@@ -3,7 +3,8 @@
     python -m cifar_dist.main --flagfile=configs/smoke.cfg --data_dir=../shared/data \
         --model_dir=/tmp/run [--strategy=mirrored --num_cpu_devices=2]
 
-Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 4 the loss
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 another worker
+died or stalled (restart the group; it resumes); 4 the loss
 diverged (last good checkpoint kept); 75 stopped by a signal after saving a checkpoint
 (rerun the same command to resume).
 """
@@ -18,7 +19,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 from absl import app, flags, logging  # noqa: E402
 
 from cifar_dist import config as config_lib  # noqa: E402
-from cifar_dist.errors import Preempted, TrainingDiverged, UserError  # noqa: E402
+from cifar_dist.errors import PeerLost, Preempted, TrainingDiverged, UserError  # noqa: E402
 
 config_lib.define_flags()
 FLAGS = flags.FLAGS
@@ -61,13 +62,28 @@ def train_main(cfg) -> dict:
     return metrics
 
 
+def train_with_peer_errors(cfg) -> dict:
+    """A dead or stalled peer surfaces as one of a few TF errors: turn them into one line."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    try:
+        return train_main(cfg)
+    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+            tf.errors.CancelledError, tf.errors.AbortedError) as e:
+        if cfg.strategy != "multi_worker":
+            raise
+        first = (e.message or str(e)).strip().splitlines()[0][:300]
+        raise PeerLost(f"lost contact with another worker ({type(e).__name__}: {first}); "
+                       "restart every worker: they resume from the last checkpoint") from None
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         cfg = config_lib.from_flags()
-        metrics = train_main(cfg)
-    except (UserError, TrainingDiverged, Preempted) as e:
+        metrics = train_with_peer_errors(cfg)
+    except (UserError, TrainingDiverged, Preempted, PeerLost) as e:
         print(f"cifar_dist: error: {e}" if isinstance(e, UserError) else f"cifar_dist: {e}",
               file=sys.stderr)
         sys.exit(e.exit_code)

@@ -200,7 +200,14 @@ class Trainer:
                 tf.equal(tf.argmax(probs, -1, output_type=tf.int32), labels), tf.float32))
             return grads, tf.reduce_sum(per_example), correct
 
-        self.grads_fn = tf.function(grads_fn, jit_compile=cfg.jit_compile)
+        if cfg.sync_batch_norm and self.replicas > 1:
+            # Synchronised BatchNorm all-reduces inside the forward pass; TF 2.21 cannot put
+            # a collective inside a nested (XLA) function, so the step runs uncompiled.
+            logging.warning("--sync_batch_norm with %d replicas: the step runs without XLA",
+                            self.replicas)
+            self.grads_fn = grads_fn
+        else:
+            self.grads_fn = tf.function(grads_fn, jit_compile=cfg.jit_compile)
 
         def replica_step(images, labels, stop):
             ctx = tf.distribute.get_replica_context()
@@ -257,6 +264,13 @@ class Trainer:
             return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
         self.eval_step = eval_step
+
+        @tf.function
+        def weights_finite():
+            return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                                  for v in model.trainable_variables])
+
+        self._weights_finite = weights_finite
 
     # ------------------------------------------------------------------ data
 
@@ -329,7 +343,15 @@ class Trainer:
         return 0
 
     def save(self) -> None:
-        """Every worker takes part (saving is a collective); only the chief keeps its files."""
+        """Every worker takes part (saving is a collective); only the chief keeps its files.
+
+        Weights that went non-finite are never saved: the last good checkpoint stays the
+        newest one (every worker holds the same weights, so all of them stop here).
+        """
+        if not bool(self._weights_finite().numpy()):
+            raise TrainingDiverged(
+                f"weights became non-finite by step {int(self.global_step.numpy())}; the last "
+                f"good checkpoint in {self.ckpt_dir} is kept (lower --learning_rate?)")
         if self.cluster.is_chief:
             self.manager.save(checkpoint_number=int(self.global_step.numpy()))
         else:

@@ -1,0 +1,181 @@
+"""Distribution: data across replicas and workers, equivalence with one device, identical
+weights on every worker, a dead peer. Each run is a fresh process (devices and collectives
+are fixed at start-up)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import DATA_DIR, REPO, env_for_subprocess, error_lines, requires_data, run_module, \
+    run_script
+
+PROBE = REPO / "tests" / "helpers" / "dist_probe.py"
+EQUIV = ["--dataset=cifar10", f"--data_dir={DATA_DIR}", "--train_subset=512",
+         "--test_subset=128", "--model=tiny", "--batch_size=64", "--train_steps=6",
+         "--learning_rate=0.001", "--augment=false", "--log_steps=2", "--export=false",
+         "--enable_tensorboard=false", "--skip_eval"]
+# Equivalence tolerance, measured: 2e-4 with --sync_batch_norm, 4e-2 without (float32,
+# 6 steps at lr 1e-3; summation order differs between 1 and 2 replicas).
+TOLERANCE = 1e-3
+
+
+def probe(out, *flags, env=None):
+    result = run_script(PROBE, out, *flags, f"--model_dir={out}/model", env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = np.load(out / "weights_0.npz")
+    ids = json.loads((out / "ids_0.json").read_text())
+    return [weights[k] for k in weights.files], ids
+
+
+def max_diff(a, b):
+    return max(float(np.abs(x - y).max()) for x, y in zip(a, b))
+
+
+def check_epoch_ids(step_lists, num_examples, global_batch):
+    """step_lists[s] = ids of every global replica at step s, in replica order."""
+    seen = [i for step in step_lists for replica in step for i in replica]
+    assert len(seen) == len(set(seen)), "an example was seen twice in one epoch"
+    assert len(seen) == (num_examples // global_batch) * global_batch
+    assert all(0 <= i < num_examples for i in seen)
+
+
+@requires_data
+@pytest.mark.slow
+def test_two_replicas_match_one_device_and_see_each_example_once(tmp_path):
+    one_w, one_ids = probe(tmp_path / "one", *EQUIV, "--sync_batch_norm",
+                           "--strategy=one_device", "--probe_id_epochs=1")
+    two_w, two_ids = probe(tmp_path / "two", *EQUIV, "--sync_batch_norm", "--strategy=mirrored",
+                           "--num_cpu_devices=2", "--probe_id_epochs=1")
+    assert two_ids["replicas"] == 2 and one_ids["replicas"] == 1
+    # Replica r of step s gets the r-th half of what the single device gets at step s.
+    for single, pair in zip(one_ids["local_ids"], two_ids["local_ids"]):
+        assert single[0] == pair[0] + pair[1]
+    check_epoch_ids(two_ids["local_ids"], 512, 64)
+    assert max_diff(one_w, two_w) < TOLERANCE
+    # The check can fail: per-replica BatchNorm statistics break equivalence.
+    unsynced_w, _ = probe(tmp_path / "unsynced", *EQUIV, "--strategy=mirrored",
+                          "--num_cpu_devices=2")
+    assert max_diff(one_w, unsynced_w) > 10 * TOLERANCE
+    metrics = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
+    assert metrics["replicas"] == 2
+
+
+def free_ports(n):
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def start_workers(n, argv_for, timeout_env=None):
+    ports = free_ports(n)
+    procs = []
+    for i in range(n):
+        tf_config = {"cluster": {"worker": [f"localhost:{p}" for p in ports]},
+                     "task": {"type": "worker", "index": i}}
+        env = env_for_subprocess(TF_CONFIG=json.dumps(tf_config))
+        procs.append(subprocess.Popen([sys.executable, *argv_for(i)], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+@requires_data
+@pytest.mark.multiworker
+@pytest.mark.slow
+def test_two_workers_end_with_bitwise_identical_weights(tmp_path):
+    flags = [*EQUIV, "--augment=true", "--strategy=multi_worker", "--collective_timeout=60",
+             "--probe_id_epochs=1", f"--model_dir={tmp_path / 'model'}"]
+    procs = start_workers(2, lambda i: [str(PROBE), str(tmp_path), *flags])
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    w0, w1 = (np.load(tmp_path / f"weights_{i}.npz") for i in (0, 1))
+    assert all(np.array_equal(w0[k], w1[k]) for k in w0.files)
+    ids = [json.loads((tmp_path / f"ids_{i}.json").read_text()) for i in (0, 1)]
+    assert ids[0]["num_workers"] == 2 and ids[0]["replicas"] == 2
+    # Worker w feeds global replica w: zip the two workers' steps back together.
+    steps = [a + b for a, b in zip(ids[0]["local_ids"], ids[1]["local_ids"])]
+    check_epoch_ids(steps, 512, 64)
+    # Only the chief keeps checkpoints and metrics; the other worker cleaned up.
+    assert (tmp_path / "model" / "metrics.json").is_file()
+    assert (tmp_path / "model" / "checkpoints" / "checkpoint").is_file()
+
+
+@pytest.mark.multiworker
+@pytest.mark.slow
+def test_a_killed_worker_makes_the_other_fail_within_the_timeout(tmp_path):
+    flags = ["-m", "cifar_dist.main", "--dataset=synthetic", "--synthetic_train_size=512",
+             "--model=tiny", "--batch_size=64", "--train_steps=400", "--log_steps=1",
+             "--strategy=multi_worker", "--collective_timeout=20", "--export=false",
+             "--skip_eval", "--enable_tensorboard=false", f"--model_dir={tmp_path}"]
+    procs = start_workers(2, lambda i: flags)
+    deadline = time.time() + 240
+    for line in procs[0].stdout:  # wait until training runs
+        if "step 3/" in line:
+            break
+        assert time.time() < deadline
+    procs[1].send_signal(signal.SIGKILL)
+    started = time.time()
+    out = procs[0].communicate(timeout=180)[0]
+    waited = time.time() - started
+    assert procs[0].returncode not in (0, None)
+    assert waited < 20 + 60, f"survivor took {waited:.0f} s to notice"
+    lines = error_lines(out)
+    assert len(lines) == 1 and "worker" in lines[0].lower(), out[-3000:]
+
+
+def test_global_batch_must_divide_among_replicas(tmp_path):
+    result = run_module("cifar_dist.main", "--dataset=synthetic", "--model=tiny",
+                        "--batch_size=63", "--train_steps=1", "--strategy=mirrored",
+                        "--num_cpu_devices=2", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 2
+    assert "does not divide among 2 replicas" in error_lines(result.stderr)[0]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("tf_config, message", [
+    ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"cluster": {"worker": ["localhost:1"]}}', "TF_CONFIG has no 'task'"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": "worker", "index": 3}}',
+     "task.index=3 is out of range"),
+    ('{"cluster": {"worker": ["nohostport"]}, "task": {"type": "worker", "index": 0}}',
+     "'host:port'"),
+])
+def test_malformed_tf_config_names_the_variable(tmp_path, tf_config, message):
+    env = env_for_subprocess(TF_CONFIG=tf_config)
+    result = run_module("cifar_dist.main", "--dataset=synthetic", "--model=tiny",
+                        "--train_steps=1", "--strategy=multi_worker",
+                        f"--model_dir={tmp_path / 'run'}", env=env)
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}, "SLURM_STEP_NODELIST is not set"),
+    ({"SLURM_PROCID": "5", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost",
+      "SLURM_STEP_TASKS_PER_NODE": "2"}, "inconsistent"),
+    ({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2", "SLURM_STEP_NODELIST": "localhost",
+      "SLURM_STEP_TASKS_PER_NODE": "2", "SLURM_JOB_ID": "abc"}, "SLURM_JOB_ID='abc'"),
+])
+def test_inconsistent_slurm_variables_name_the_variable(tmp_path, env, message):
+    full = env_for_subprocess(**env)
+    full.pop("TF_CONFIG", None)
+    result = run_module("cifar_dist.main", "--dataset=synthetic", "--model=tiny",
+                        "--train_steps=1", "--strategy=multi_worker", "--cluster=slurm",
+                        f"--model_dir={tmp_path / 'run'}", env=full)
+    assert result.returncode == 2
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
