@@ -57,7 +57,7 @@ class Config:
     # precision and compilation
     dtype: str = "float32"
     jit_compile: bool = True
-    deterministic: bool = False
+    deterministic: bool = False  # TF op determinism; needs jit_compile=False
     # distribution
     strategy: str = "one_device"
     num_gpus: int = -1
@@ -135,6 +135,10 @@ def validate(cfg: Config) -> None:
     if cfg.dataset in ("cifar10", "folder") and not cfg.data_dir:
         raise ConfigError(f"--dataset={cfg.dataset} needs --data_dir (e.g. --data_dir=../shared/data)"
                           " or use --dataset=synthetic")
+    if cfg.deterministic and cfg.jit_compile:
+        raise ConfigError("--deterministic needs --jit_compile=false: XLA in TF 2.21 has no "
+                          "deterministic MaxPool gradient (XLA on CPU is already run-to-run "
+                          "reproducible without the flag)")
     if cfg.num_cpu_devices and cfg.strategy not in ("mirrored", "default"):
         raise ConfigError("--num_cpu_devices splits the CPU for --strategy=mirrored; "
                           f"it does nothing with --strategy={cfg.strategy}")
@@ -210,8 +214,8 @@ def define_flags() -> None:
 def from_flags(flag_values=None) -> Config:
     fv = flag_values or flags.FLAGS
     values = {name: fv[name].value for name in Config.__dataclass_fields__}
-    if values["data_dir"]:
-        values["data_dir"] = os.path.expanduser(values["data_dir"])
-    if values["model_dir"]:
-        values["model_dir"] = os.path.expanduser(values["model_dir"])
+    # Absolute paths, so config.json still finds them from another working directory.
+    for key in ("data_dir", "model_dir"):
+        if values[key]:
+            values[key] = os.path.abspath(os.path.expanduser(values[key]))
     return Config(**values)

@@ -255,6 +255,13 @@ def hold_out_validation(bundle: DataBundle, size: int) -> DataBundle:
                                validation=Split(tr.images[held], tr.labels[held]))
 
 
+def needs_tensorflow(cfg) -> bool:
+    """True when loading goes through TFDS (which starts TensorFlow): then it must wait
+    until the distribution strategy exists. Every other source is plain numpy."""
+    return (cfg.dataset == "cifar10" and os.path.exists(cfg.data_dir)
+            and find_local_cifar10(cfg.data_dir) is None)
+
+
 def load(cfg) -> DataBundle:
     """The DataBundle a Config asks for, validated."""
     if cfg.dataset == "synthetic":

@@ -19,6 +19,7 @@ import shutil
 import tensorflow as tf
 from absl import logging
 
+from cifar_dist import preflight
 from cifar_dist.errors import ClusterError, ConfigError
 
 
@@ -112,6 +113,7 @@ def cluster_resolver(cfg):
         if "TF_CONFIG" not in os.environ:
             raise ClusterError("--cluster=tf_config but TF_CONFIG is not set")
         parse_tf_config(os.environ["TF_CONFIG"])
+        preflight.check_cluster_addresses(os.environ["TF_CONFIG"])
         return tf.distribute.cluster_resolver.TFConfigClusterResolver()
     return slurm_resolver()
 

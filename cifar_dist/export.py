@@ -1,14 +1,23 @@
-"""Trained model -> a SavedModel that takes raw uint8 images, plus a .keras file.
+"""The exported model: write it (from a trained model or a checkpoint) and load it back.
 
   export/saved_model/   serving signature `serving_default`:
                           images: uint8 [N, 32, 32, 3]
                           -> probabilities float32 [N, classes], class_ids int64 [N],
                              class_names string [N]
+                        plus a string variable `class_names` (every class, in order)
   export/model.keras    the plain Keras model (float inputs in [0, 1])
   export/class_names.json
 
 The exported copy is always float32 (whatever --dtype trained it) and holds plain, not
-distributed, variables, so it loads anywhere with plain TensorFlow or Keras.
+distributed, variables, so it loads anywhere with plain TensorFlow or Keras; the
+SavedModel needs nothing from cifar_dist.
+
+Re-export from the newest checkpoint of a run (e.g. after --export=false, or a run
+stopped before its end):
+
+    python -m cifar_dist.export --model_dir=DIR [--checkpoint=PATH] [--export_dir=DIR/export]
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
 """
 
 from __future__ import annotations
@@ -16,46 +25,329 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 
-import keras
-import tensorflow as tf
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
-from cifar_dist.model import build_model
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from cifar_dist.errors import CheckpointError, ConfigError, UserError  # noqa: E402
+
+# TensorFlow and Keras are imported inside the functions that need them: the command line
+# then rejects bad input at once, before TensorFlow's start-up noise on stderr.
+
+EXPORT_SUBDIR = "export"
+KERAS_FILE = "model.keras"
+SAVED_MODEL_DIR = "saved_model"
+CLASS_NAMES_FILE = "class_names.json"
 
 
-def plain_float32_copy(model: keras.Model, num_classes: int) -> keras.Model:
+class ModelError(UserError):
+    """No usable exported model where the user pointed."""
+
+
+# --------------------------------------------------------------------------- writing
+
+def plain_float32_copy(model, num_classes: int):
     """A float32 model with plain variables (call outside any strategy scope)."""
+    from cifar_dist.model import build_model  # noqa: PLC0415
+
     copy = build_model(model.name, num_classes, "float32")
     copy.set_weights(model.get_weights())
     return copy
 
 
-class ServingModule(tf.Module):
-    def __init__(self, model: keras.Model, class_names):
-        super().__init__()
-        self.model = model
-        self.class_names = tf.constant(list(class_names))
+def serving_module(model, class_names):
+    """A tf.Module whose `serve` takes uint8 images (the SavedModel's serving_default)."""
+    import tensorflow as tf  # noqa: PLC0415
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8, name="images")])
-    def serve(self, images):
-        probs = self.model(tf.cast(images, tf.float32) / 255.0, training=False)
-        ids = tf.argmax(probs, axis=-1)
-        return {"probabilities": probs, "class_ids": ids,
-                "class_names": tf.gather(self.class_names, ids)}
+    from cifar_dist.augment import to_unit_float  # noqa: PLC0415
+
+    class ServingModule(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+            # A variable (not a constant) so that tf.saved_model.load exposes the full list.
+            self.class_names = tf.Variable(list(class_names), trainable=False,
+                                           name="class_names")
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8,
+                                                    name="images")])
+        def serve(self, images):
+            # The same uint8 -> float conversion as training and evaluation, bit for bit.
+            probs = self.model(to_unit_float(images), training=False)
+            ids = tf.argmax(probs, axis=-1)
+            return {"probabilities": probs, "class_ids": ids,
+                    "class_names": tf.gather(self.class_names, ids)}
+
+    return ServingModule()
 
 
-def export_model(model: keras.Model, class_names, export_dir: str) -> str:
+def check_replaceable(export_dir: str) -> str:
+    """export_dir is replaced as a whole: it must be absent, empty or an earlier export
+    (never, say, the model_dir with its checkpoints)."""
+    export_dir = os.path.normpath(export_dir)  # "dir/" + ".tmp" would land inside dir
+    if os.path.exists(export_dir):
+        if not os.path.isdir(export_dir) or not set(os.listdir(export_dir)) <= {
+                SAVED_MODEL_DIR, KERAS_FILE, CLASS_NAMES_FILE}:
+            raise ConfigError(f"--export_dir={export_dir} exists and is not an export folder: "
+                              "it would be replaced; choose another")
+    parent = os.path.dirname(os.path.abspath(export_dir))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--export_dir={export_dir}: {parent} is not a writable folder")
+    return export_dir
+
+
+def export_model(model, class_names, export_dir: str) -> str:
     """Writes export_dir atomically (a temporary folder renamed into place)."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    export_dir = check_replaceable(export_dir)
     plain = plain_float32_copy(model, len(class_names))
     tmp = export_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    module = ServingModule(plain, class_names)
-    tf.saved_model.save(module, os.path.join(tmp, "saved_model"),
+    module = serving_module(plain, class_names)
+    tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL_DIR),
                         signatures={"serving_default": module.serve})
-    plain.save(os.path.join(tmp, "model.keras"))
-    with open(os.path.join(tmp, "class_names.json"), "w") as f:
+    plain.save(os.path.join(tmp, KERAS_FILE))
+    with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
         json.dump(list(class_names), f)
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(tmp, export_dir)
+    logging.info("exported %s", export_dir)
     return export_dir
+
+
+def read_run_config(model_dir: str) -> dict:
+    """model_dir/config.json as written by training (Config fields + num_classes, class_names)."""
+    if not os.path.isdir(model_dir):
+        raise ModelError(f"--model_dir={model_dir}: no such folder")
+    path = os.path.join(model_dir, "config.json")
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        raise ModelError(f"{path}: missing (is {model_dir} a training model_dir?)") from None
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("class_names"), list) \
+            or not isinstance(saved.get("model"), str):
+        raise ModelError(f"{path}: has no 'model' and 'class_names' (not written by cifar_dist?)")
+    return saved
+
+
+def latest_checkpoint(model_dir: str) -> str:
+    ckpt_dir = os.path.join(model_dir, "checkpoints")
+    if not os.path.isfile(os.path.join(ckpt_dir, "checkpoint")):  # checked before importing TF
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export")
+    import tensorflow as tf  # noqa: PLC0415
+
+    path = tf.train.latest_checkpoint(ckpt_dir)
+    if not path:
+        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export")
+    return path
+
+
+def model_from_checkpoint(model_dir: str, checkpoint: str = "") -> tuple:
+    """(float32 Keras model with the checkpoint's weights, run config, checkpoint path)."""
+    saved = read_run_config(model_dir)
+    path = checkpoint or latest_checkpoint(model_dir)
+    import tensorflow as tf  # noqa: PLC0415
+
+    from cifar_dist.model import build_model  # noqa: PLC0415
+
+    if not tf.io.gfile.exists(path + ".index"):
+        raise CheckpointError(f"--checkpoint={path}: no such checkpoint ({path}.index missing)")
+    try:
+        model = build_model(saved["model"], len(saved["class_names"]), "float32")
+    except ValueError as e:
+        raise ModelError(f"{model_dir}/config.json: {e}") from None
+    try:
+        # The checkpoint also holds the optimizer and step counters: expect_partial; but
+        # every model variable must come from it, or the export would be half random.
+        status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+        status.assert_existing_objects_matched()
+    except (tf.errors.OpError, AssertionError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: does not fit a {saved['model']!r} model with "
+                              f"{len(saved['class_names'])} classes ({reason})") from None
+    return model, saved, path
+
+
+def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str = "") -> str:
+    """Builds the run's model, restores the checkpoint (newest by default), exports it."""
+    read_run_config(model_dir)  # a missing model_dir is the first thing to say
+    export_dir = check_replaceable(export_dir or os.path.join(model_dir, EXPORT_SUBDIR))
+    model, saved, path = model_from_checkpoint(model_dir, checkpoint)
+    out = export_model(model, saved["class_names"], export_dir)
+    logging.info("exported %s from %s", out, path)
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+class ExportedModel:
+    """An exported model, loaded back: uint8 images -> class probabilities, in batches."""
+
+    def __init__(self, path: str, kind: str, class_names, fn):
+        self.path, self.kind, self.class_names, self._fn = path, kind, tuple(class_names), fn
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def probabilities(self, images_u8: np.ndarray, batch_size: int = 500) -> np.ndarray:
+        """float32 [N, classes] for uint8 [N, 32, 32, 3]; one compiled call per batch."""
+        import tensorflow as tf  # noqa: PLC0415
+
+        images_u8 = np.asarray(images_u8)
+        if images_u8.dtype != np.uint8 or images_u8.shape[1:] != (32, 32, 3):
+            raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images_u8.dtype} "
+                             f"{images_u8.shape}")
+        out = [self._fn(tf.constant(images_u8[i:i + batch_size])).numpy()
+               for i in range(0, len(images_u8), batch_size)]
+        return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+
+def _class_names_beside(folder: str, num_classes: int, what: str):
+    path = os.path.join(folder, CLASS_NAMES_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                names = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+        if not isinstance(names, list) or len(names) != num_classes:
+            raise ModelError(f"{path}: expected a list of {num_classes} class names for {what}")
+        return tuple(str(n) for n in names)
+    from cifar_dist.data import CIFAR10_CLASSES  # noqa: PLC0415
+    if num_classes == len(CIFAR10_CLASSES):
+        logging.warning("%s: no %s beside it; assuming the CIFAR-10 class names", what,
+                        CLASS_NAMES_FILE)
+        return CIFAR10_CLASSES
+    return tuple(f"class_{i}" for i in range(num_classes))
+
+
+def _load_keras(path: str) -> ExportedModel:
+    import keras  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+
+    from cifar_dist.augment import to_unit_float  # noqa: PLC0415
+
+    try:
+        # safe_mode: refuse Lambda layers and other deserialised code.
+        model = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:  # noqa: BLE001 - Keras raises many types for a bad file
+        raise ModelError(f"{path}: not a loadable Keras model ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if tuple(model.input_shape[1:]) != (32, 32, 3) or len(model.output_shape) != 2:
+        raise ModelError(f"{path}: expects inputs {model.input_shape} -> {model.output_shape}, "
+                         "not [N, 32, 32, 3] -> [N, classes]")
+    names = _class_names_beside(os.path.dirname(path), model.output_shape[-1], path)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.uint8)])
+    def fn(images):
+        return model(to_unit_float(images), training=False)
+
+    return ExportedModel(path, "keras", names, fn)
+
+
+def _load_saved_model(path: str) -> ExportedModel:
+    import tensorflow as tf  # noqa: PLC0415
+
+    try:
+        loaded = tf.saved_model.load(path)
+        signature = loaded.signatures["serving_default"]
+    except Exception as e:  # noqa: BLE001
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise ModelError(f"{path}: not a loadable SavedModel with a serving_default signature "
+                         f"({type(e).__name__}: {reason})") from None
+    if hasattr(loaded, "class_names"):
+        names = tuple(n.decode() for n in loaded.class_names.numpy())
+    else:  # exported before the variable existed: class_names.json one folder up
+        num = signature.structured_outputs["probabilities"].shape[-1]
+        names = _class_names_beside(os.path.dirname(os.path.normpath(path)), num, path)
+
+    def fn(images):
+        return signature(images=images)["probabilities"]
+
+    return ExportedModel(path, "saved_model", names, fn)
+
+
+def load_exported(path: str) -> ExportedModel:
+    """Loads a model from an export folder, a training model_dir, a .keras file or a SavedModel.
+
+    A folder holding model.keras is read through Keras (the same code path as training);
+    a SavedModel folder through tf.saved_model.load.
+    """
+    if not os.path.exists(path):
+        raise ModelError(f"{path}: no such file or folder")
+    if os.path.isfile(path):
+        if path.endswith(".keras"):
+            return _load_keras(path)
+        raise ModelError(f"{path}: not a model (give an export folder, a .keras file "
+                         "or a SavedModel folder)")
+    for candidate in (path, os.path.join(path, EXPORT_SUBDIR)):
+        if os.path.isfile(os.path.join(candidate, KERAS_FILE)):
+            return _load_keras(os.path.join(candidate, KERAS_FILE))
+        for saved_model in (candidate, os.path.join(candidate, SAVED_MODEL_DIR)):
+            if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
+                return _load_saved_model(saved_model)
+    raise ModelError(f"{path}: no exported model here (expected {KERAS_FILE}, {SAVED_MODEL_DIR}/ "
+                     f"or {EXPORT_SUBDIR}/; `python -m cifar_dist.export --model_dir=...` "
+                     "makes one from a checkpoint)")
+
+
+# --------------------------------------------------------------------------- command line
+
+def _flag_values() -> flags.FlagValues:
+    # A private FlagValues: importing this module (as main.py does) defines no global flags,
+    # and tests can call main() repeatedly in one process.
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model_dir", None, "training model_dir (config.json, checkpoints/)",
+                        flag_values=fv)
+    flags.DEFINE_string("checkpoint", "", "checkpoint prefix to export (default: the newest in "
+                        "model_dir/checkpoints)", flag_values=fv)
+    flags.DEFINE_string("export_dir", "", "where to write (default: model_dir/export, replaced)",
+                        flag_values=fv)
+    return fv
+
+
+def parse_flags(fv: flags.FlagValues, argv) -> list:
+    """absl flag errors -> the same one line and exit status 2 as every cifar_dist command."""
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help(), file=sys.stderr)
+        raise SystemExit(0)
+    try:
+        return fv(argv)
+    except flags.Error as e:
+        raise UserError(str(e)) from None
+
+
+def main(argv) -> int:
+    """Runs the command for argv (program name first); returns the exit status."""
+    try:
+        fv = _flag_values()
+        rest = parse_flags(fv, argv)
+        if len(rest) > 1:
+            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
+        if not fv.model_dir:
+            raise UserError("--model_dir is required (the training run to export)")
+        out = export_from_checkpoint(os.path.expanduser(fv.model_dir), fv.export_dir,
+                                     fv.checkpoint)
+    except UserError as e:
+        print(f"cifar_dist: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"exported {out}")
+    return 0
+
+
+def run():
+    """Console-script entry point."""
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

@@ -57,7 +57,8 @@ def load_image(path: str):
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{path}: refused, too many pixels ({e})") from None
+        raise ImageError(f"{path}: larger than the {MAX_PIXELS:,}-pixel limit "
+                         f"(decompression bomb?): {e}") from None
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # PIL raises these for bad files
         raise ImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
 

@@ -25,52 +25,50 @@ config_lib.define_flags()
 FLAGS = flags.FLAGS
 
 
-def check_model_dir(path: str) -> None:
-    """model_dir must be creatable and writable; checked before anything is written."""
-    from cifar_dist.errors import ConfigError  # noqa: PLC0415
-
-    if not path:
-        raise ConfigError("--model_dir is required (where checkpoints and metrics.json go)")
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(os.path.abspath(probe))
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe):
-        raise ConfigError(f"--model_dir={path}: {probe} is not a folder")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ConfigError(f"--model_dir={path}: {probe} is not writable")
-
-
 def train_main(cfg) -> dict:
-    # Order matters: the strategy (devices, collectives) must exist before any other op.
-    from cifar_dist import data, distribute, train  # noqa: PLC0415
+    # Checks that need no TensorFlow come first, so their errors are one clean line.
+    from cifar_dist import data, preflight  # noqa: PLC0415
 
-    check_model_dir(cfg.model_dir)
+    preflight.check_model_dir(cfg.model_dir)
+    bundle = None if data.needs_tensorflow(cfg) else data.load(cfg)
+    # The strategy (devices, collectives) must exist before any TensorFlow op runs.
+    from cifar_dist import distribute, train  # noqa: PLC0415
+
     strategy, cluster = distribute.make_strategy(cfg)
-    bundle = data.load(cfg)
+    bundle = bundle or data.load(cfg)
     logging.info("data: %s; train %d, test %d%s", bundle.source, len(bundle.train),
                  len(bundle.test), f", validation {len(bundle.validation)}"
                  if bundle.validation is not None else "")
     trainer = train.Trainer(cfg, strategy, cluster, bundle)
     metrics = trainer.run()
     if cluster.is_chief and cfg.export:
-        from cifar_dist import export  # noqa: PLC0415
-        export.export_model(trainer.model, bundle.class_names,
-                            os.path.join(cfg.model_dir, "export"))
+        export_and_evaluate(cfg, trainer.model, bundle)
     return metrics
+
+
+def export_and_evaluate(cfg, model, bundle) -> None:
+    """The exported model and DIR/eval/ (report, confusion matrix, plots) on the chief."""
+    from cifar_dist import evaluate, export  # noqa: PLC0415
+
+    export.export_model(model, bundle.class_names, os.path.join(cfg.model_dir, "export"))
+    try:
+        evaluate.evaluate_model_dir(cfg.model_dir, bundle)
+    except UserError as e:  # training succeeded; a report problem must not turn it into a failure
+        logging.warning("evaluation report not written: %s", e)
 
 
 def train_with_peer_errors(cfg) -> dict:
     """A dead or stalled peer surfaces as one of a few TF errors: turn them into one line."""
-    import tensorflow as tf  # noqa: PLC0415
-
     try:
         return train_main(cfg)
-    except (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
-            tf.errors.CancelledError, tf.errors.AbortedError) as e:
-        if cfg.strategy != "multi_worker":
+    except Exception as e:  # noqa: BLE001 - narrowed below
+        if cfg.strategy != "multi_worker" or isinstance(e, UserError):
+            raise
+        import tensorflow as tf  # noqa: PLC0415 (loaded by now: a strategy exists)
+
+        peer_errors = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                       tf.errors.CancelledError, tf.errors.AbortedError)
+        if not isinstance(e, peer_errors):
             raise
         first = (e.message or str(e)).strip().splitlines()[0][:300]
         raise PeerLost(f"lost contact with another worker ({type(e).__name__}: {first}); "

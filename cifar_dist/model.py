@@ -101,13 +101,31 @@ def train_flops_per_image(model: keras.Model) -> int:
     return 3 * forward_flops_per_image(model)
 
 
+def layer_table(model: keras.Model) -> str:
+    """A markdown table of the layers: name, type, output shape, trainable parameters."""
+    rows = ["| layer | type | output shape | trainable params |", "| --- | --- | --- | ---: |"]
+    for layer in model.layers:
+        count = sum(int(w.numpy().size) for w in layer.trainable_weights)
+        shape = "x".join(str(d) for d in layer.output.shape[1:])
+        rows.append(f"| {layer.name} | {type(layer).__name__} | {shape} | {count:,} |")
+    return "\n".join(rows)
+
+
 def main():
+    """Prints docs/model.md: `python -m cifar_dist.model > docs/model.md`."""
     model = build_seed_model()
-    model.summary()
-    print(f"trainable parameters: {trainable_param_count(model):,} "
-          f"(published: {PUBLISHED_TRAINABLE_PARAMS:,})")
-    print(f"forward GFLOP/image: {forward_flops_per_image(model) / 1e9:.4f}, "
-          f"train GFLOP/image: {train_flops_per_image(model) / 1e9:.4f}")
+    print("# The seed network (reconstruction)\n")
+    print("Written by `python -m cifar_dist.model > docs/model.md`.\n")
+    print(layer_table(model))
+    print(f"\nTrainable parameters: {trainable_param_count(model):,} "
+          f"(published: {PUBLISHED_TRAINABLE_PARAMS:,}, difference "
+          f"{trainable_param_count(model) - PUBLISHED_TRAINABLE_PARAMS:+,}, "
+          f"{(trainable_param_count(model) / PUBLISHED_TRAINABLE_PARAMS - 1) * 100:+.2f}%).  ")
+    print("Non-trainable (BatchNorm moving statistics): "
+          f"{sum(int(w.numpy().size) for w in model.non_trainable_weights):,}.  ")
+    print(f"Forward: {forward_flops_per_image(model) / 1e9:.4f} GFLOP per image "
+          "(2 x multiply-adds of conv and dense layers); training: "
+          f"{train_flops_per_image(model) / 1e9:.4f} GFLOP per image (3x forward).")
 
 
 if __name__ == "__main__":

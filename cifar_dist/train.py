@@ -36,7 +36,7 @@ import tensorflow as tf
 from absl import logging
 
 from cifar_dist import augment as augment_lib
-from cifar_dist import pipeline
+from cifar_dist import pipeline, preflight
 from cifar_dist.errors import CheckpointError, Preempted, TrainingDiverged
 from cifar_dist.model import build_model, train_flops_per_image, trainable_param_count
 
@@ -272,6 +272,25 @@ class Trainer:
 
         self._weights_finite = weights_finite
 
+        # BatchNorm moving statistics are plain per-replica variables in Keras 3 (no
+        # aggregation), so every replica and worker drifts to its own. Before anything reads
+        # them (evaluation, checkpoint, export) they are averaged over all replicas and the
+        # mean is written back to every copy: checkpoints and workers agree bitwise.
+        stats_vars = [v.value if hasattr(v, "value") else v for v in model.non_trainable_variables]
+
+        @tf.function
+        def sync_moving_stats():
+            def mean_of_replicas():
+                ctx = tf.distribute.get_replica_context()
+                return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v) for v in stats_vars])
+
+            means = self.strategy.run(mean_of_replicas)
+            for var, mean in zip(stats_vars, means):
+                self.strategy.extended.update(var, lambda v, m: v.assign(m), args=(mean,),
+                                              group=False)
+
+        self.sync_moving_stats = sync_moving_stats if self.replicas > 1 else (lambda: None)
+
     # ------------------------------------------------------------------ data
 
     def _distributed(self, make):
@@ -330,7 +349,9 @@ class Trainer:
         for path in candidates:
             try:
                 self.checkpoint.restore(path).assert_existing_objects_matched()
-            except (tf.errors.OpError, AssertionError, ValueError) as e:
+            except Exception as e:  # noqa: BLE001 - a damaged file raises many types
+                # (OpError, IndexError "Read less bytes", ValueError, AssertionError); an
+                # older checkpoint then overwrites every variable again.
                 logging.warning("checkpoint %s is unusable (%s); trying an older one",
                                 path, str(e).splitlines()[0])
                 continue
@@ -348,18 +369,27 @@ class Trainer:
         Weights that went non-finite are never saved: the last good checkpoint stays the
         newest one (every worker holds the same weights, so all of them stop here).
         """
+        self.sync_moving_stats()
         if not bool(self._weights_finite().numpy()):
             raise TrainingDiverged(
                 f"weights became non-finite by step {int(self.global_step.numpy())}; the last "
                 f"good checkpoint in {self.ckpt_dir} is kept (lower --learning_rate?)")
-        if self.cluster.is_chief:
-            self.manager.save(checkpoint_number=int(self.global_step.numpy()))
-        else:
-            tmp = tempfile.mkdtemp(prefix=f"cifar_dist_worker{self.cluster.worker_index}_")
-            try:
-                self.checkpoint.write(os.path.join(tmp, "ckpt"))
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            if self.cluster.is_chief:
+                # CheckpointManager updates its state file only after the new checkpoint is
+                # complete, so a crash or a full disk mid-save leaves the previous one usable.
+                self.manager.save(checkpoint_number=int(self.global_step.numpy()))
+            else:
+                tmp = tempfile.mkdtemp(prefix=f"cifar_dist_worker{self.cluster.worker_index}_")
+                try:
+                    self.checkpoint.write(os.path.join(tmp, "ckpt"))
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        except (tf.errors.OpError, OSError) as e:
+            message = getattr(e, "message", None) or str(e)
+            raise CheckpointError(f"cannot write a checkpoint into {self.ckpt_dir} "
+                                  f"({type(e).__name__}: {message.splitlines()[0][:200]}); "
+                                  "the previous checkpoint is intact (disk full?)") from None
 
     # ------------------------------------------------------------------ loop
 
@@ -369,9 +399,16 @@ class Trainer:
         return values
 
     def run(self) -> dict:
+        if not self.cluster.is_chief:
+            return self._run()
+        preflight.check_disk_space(self.model_dir, trainable_param_count(self.model),
+                                   self.cfg.keep_checkpoints)
+        os.makedirs(self.model_dir, exist_ok=True)
+        with preflight.ModelDirLock(self.model_dir):
+            return self._run()
+
+    def _run(self) -> dict:
         cfg, chief = self.cfg, self.cluster.is_chief
-        if chief:
-            os.makedirs(self.model_dir, exist_ok=True)
         start_step = self.restore()
         if chief:
             self.manager = tf.train.CheckpointManager(self.checkpoint, self.ckpt_dir,
@@ -389,8 +426,9 @@ class Trainer:
                      cfg.jit_compile, start_step)
         iterator = self.train_iterator(start_step)
         progress = Progress(self.total_steps, start_step, enabled=chief)
-        t_start = time.time()
-        t_window, step_window, images_trained = time.time(), start_step, 0
+        # Throughput counts training time only: evaluation and checkpoint time is excluded
+        # (the clock restarts after them); XLA compilation in the first steps is included.
+        clock = Throughput(cfg.batch_size, start_step)
         epoch_stats = np.zeros(5)
         step = start_step
         with StopRequest() as stop, writer.as_default():
@@ -405,17 +443,15 @@ class Trainer:
                 ckpt_now = cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0
                 if not (log_now or check_stop or ckpt_now):
                     continue
-                window = self._read_stats()
+                window = self._read_stats()  # waits for the device: the clock can stop here
+                clock.stop(step)
                 epoch_stats += window
                 if window[NONFINITE] and cfg.dtype != "float16":
                     raise TrainingDiverged(
                         f"non-finite loss or gradients at or before step {step}; "
                         f"the last good checkpoint in {self.ckpt_dir} is kept")
                 if log_now:
-                    now = time.time()
-                    ips = (step - step_window) * cfg.batch_size / max(now - t_window, 1e-9)
-                    images_trained += (step - step_window) * cfg.batch_size
-                    t_window, step_window = now, step
+                    ips = clock.window_rate()
                     lr = float(self.optimizer.learning_rate.numpy())
                     progress.update(step, loss=window[LOSS] / max(window[COUNT], 1),
                                     acc=window[CORRECT] / max(window[COUNT], 1), ips=ips, lr=lr,
@@ -430,7 +466,8 @@ class Trainer:
                                     f"{self.ckpt_dir}: rerun the same command to resume")
                 if epoch_end:
                     epoch = math.ceil(step / self.steps_per_epoch)
-                    row = self._end_epoch(epoch, step, epoch_stats, time.time() - t_start)
+                    row = self._end_epoch(epoch, step, epoch_stats, clock.epoch_rate(),
+                                          clock.train_seconds)
                     epoch_stats = np.zeros(5)
                     if chief:
                         history = [h for h in history if h["epoch"] < epoch] + [row]
@@ -438,16 +475,19 @@ class Trainer:
                     self.save()
                 elif ckpt_now:
                     self.save()
+                clock.start()
         progress.close()
-        wall = time.time() - t_start
-        return self._finish(start_step, wall, images_trained, history)
+        return self._finish(start_step, clock, history)
 
-    def _end_epoch(self, epoch, step, stats, elapsed):
+    def _end_epoch(self, epoch, step, stats, images_per_second, train_seconds):
+        self.sync_moving_stats()
         row = {"epoch": epoch, "step": step,
                "train_loss": stats[LOSS] / max(stats[COUNT], 1),
                "train_accuracy": stats[CORRECT] / max(stats[COUNT], 1),
+               # the rate the next step will use (so 0 after the last step of onecycle)
                "learning_rate": float(self.optimizer.learning_rate.numpy()),
-               "elapsed_seconds": elapsed,
+               "images_per_second": images_per_second,
+               "train_seconds": train_seconds,
                "skipped_steps": int(self.skipped_steps.numpy())}
         if not self.cfg.skip_eval:
             name = self.bundle.eval_split_name
@@ -480,7 +520,8 @@ class Trainer:
             w.writerows(history)
         os.replace(tmp, self._history_path())
 
-    def _finish(self, start_step, wall, images_trained, history) -> dict:
+    def _finish(self, start_step, clock, history) -> dict:
+        self.sync_moving_stats()
         test = self.evaluate(self.bundle.test)
         trained_steps = self.total_steps - start_step
         metrics = {
@@ -488,8 +529,10 @@ class Trainer:
             "test_examples": test["examples"],
             "epochs": self.total_steps / self.steps_per_epoch, "steps": self.total_steps,
             "steps_this_run": trained_steps,
-            "images_per_second": images_trained / wall if wall > 0 else 0.0,
-            "wall_seconds": wall,
+            # training images / training seconds of this run (no evaluation, no checkpoints)
+            "images_per_second": clock.total_rate(),
+            "train_seconds": clock.train_seconds,
+            "wall_seconds": clock.wall_seconds(),
             "trainable_params": trainable_param_count(self.model),
             "train_flops_per_image": train_flops_per_image(self.model),
             "pflops_per_run": train_flops_per_image(self.model)
@@ -508,8 +551,49 @@ class Trainer:
             write_json_atomic(os.path.join(self.model_dir, "metrics.json"), metrics)
         logging.info("test accuracy %.4f (loss %.4f) on %d images; %.1f images/s; %.0f s",
                      test["accuracy"], test["loss"], test["examples"],
-                     metrics["images_per_second"], wall)
+                     metrics["images_per_second"], metrics["wall_seconds"])
         return metrics
+
+
+class Throughput:
+    """Training images per second, with the clock stopped during evaluation and saving."""
+
+    def __init__(self, batch_size, start_step):
+        self.batch, self.t0 = batch_size, time.time()
+        self.train_seconds, self.images = 0.0, 0
+        self._since, self._step = time.time(), start_step
+        self._window = [0.0, 0]  # seconds, images since the last log line
+        self._epoch = [0.0, 0]
+
+    def stop(self, step):
+        dt, n = time.time() - self._since, (step - self._step) * self.batch
+        self.train_seconds += dt
+        self.images += n
+        for acc in (self._window, self._epoch):
+            acc[0] += dt
+            acc[1] += n
+        self._since, self._step = time.time(), step
+
+    def start(self):
+        self._since = time.time()
+
+    @staticmethod
+    def _rate(acc):
+        rate = acc[1] / acc[0] if acc[0] > 0 else 0.0
+        acc[0], acc[1] = 0.0, 0
+        return rate
+
+    def window_rate(self):
+        return self._rate(self._window)
+
+    def epoch_rate(self):
+        return self._rate(self._epoch)
+
+    def total_rate(self):
+        return self.images / self.train_seconds if self.train_seconds > 0 else 0.0
+
+    def wall_seconds(self):
+        return time.time() - self.t0
 
 
 class Progress:

@@ -119,6 +119,8 @@ def test_signal_saves_a_checkpoint_and_exits_75_then_resumes(tmp_path, sig):
     assert "rerun the same command to resume" in out
     saved = int(tf.train.latest_checkpoint(str(tmp_path / "checkpoints")).rsplit("-", 1)[1])
     assert 3 <= saved < 12
+    if sig != signal.SIGTERM:
+        return  # resuming is the same for every signal: checked once, below, for SIGTERM
     again = run_module("cifar_dist.main", *RESUME_ARGS, "--checkpoint_steps=0",
                        f"--model_dir={tmp_path}")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -1,0 +1,440 @@
+"""Evaluate a trained run's exported model on a data split; write metrics, a report and plots.
+
+    python -m cifar_dist.evaluate --model_dir=DIR [--split=test|train|validation] [--tta]
+        [--dataset=... --data_dir=... --test_subset=N ...] [--output_dir=DIR/eval]
+
+The data come from cifar_dist.data.load with the run's own config.json; any data flag
+given here (--dataset, --data_dir, --download, --train_subset, --test_subset,
+--synthetic_train_size, --synthetic_test_size, --seed) overrides it. So by default the run
+is evaluated on exactly the test images it was checked against during training, and
+--split=validation on the images it held out (runs trained with --validation_size).
+
+Writes DIR/eval/ (replaced as a whole, atomically):
+  metrics.json               accuracy (+ its standard error), loss, top-k accuracy,
+                             per-class precision/recall/F1, confusion matrix, flip TTA
+  classification_report.txt  scikit-learn's report with a header
+  predictions.csv            index,true_id,true_label,predicted_id,predicted_label,
+                             confidence,correct
+  confusion_matrix.png, predictions.png (confident mistakes first), training_curves.png
+
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+import numpy as np  # noqa: E402
+from absl import flags, logging  # noqa: E402
+
+from cifar_dist import config as config_lib  # noqa: E402
+from cifar_dist.errors import ConfigError, DataError, UserError  # noqa: E402
+from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
+
+# TensorFlow, Keras, scikit-learn and matplotlib are imported where used, so that bad
+# input is rejected at once (and before TensorFlow's start-up lines on stderr).
+
+SPLITS = ("test", "train", "validation")
+EVAL_SUBDIR = "eval"
+# Config fields a user may override here: where the data come from, not how it trained.
+# Not --validation_size: a split held out now, unlike in training, would hold training images.
+DATA_FIELDS = ("dataset", "data_dir", "download", "train_subset", "test_subset",
+               "synthetic_train_size", "synthetic_test_size", "seed")
+EPSILON = 1e-7  # Keras' probability clip in categorical_crossentropy: same loss as training
+OUTPUT_FILES = ("metrics.json", "classification_report.txt", "predictions.csv")
+PLOT_FILES = ("confusion_matrix.png", "predictions.png", "training_curves.png")
+
+
+# --------------------------------------------------------------------------- inputs
+
+def exported_model_path(model_dir: str) -> str:
+    """DIR/export/model.keras, checked without importing TensorFlow."""
+    if not model_dir:
+        raise ConfigError("--model_dir is required (a training run's folder)")
+    if not os.path.isdir(model_dir):
+        raise ConfigError(f"--model_dir={model_dir}: no such folder")
+    path = os.path.join(model_dir, "export", "model.keras")
+    if not os.path.isfile(path):
+        raise ModelError(f"{path}: no exported model (train with --export=true, or run "
+                        f"`python -m cifar_dist.export --model_dir={model_dir}`)")
+    return path
+
+
+def config_from_model_dir(model_dir: str, overrides: dict | None = None):
+    """The run's Config from model_dir/config.json, with data overrides applied."""
+    from cifar_dist.export import read_run_config  # noqa: PLC0415
+
+    saved = read_run_config(model_dir)
+    # Only what says where the data come from (+ the held-out split): training settings
+    # and their cross-checks (which change between versions) do not matter here.
+    values = {k: saved[k] for k in DATA_FIELDS + ("validation_size",) if k in saved}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    unknown = sorted(set(overrides) - set(DATA_FIELDS))
+    if unknown:
+        raise ConfigError(f"cannot override {', '.join(unknown)} when evaluating (data flags "
+                          f"only: {', '.join(DATA_FIELDS)})")
+    values.update(overrides)
+    if values.get("data_dir"):
+        values["data_dir"] = os.path.expanduser(values["data_dir"])
+    cfg = config_lib.Config(**values)
+    if cfg.dataset != "synthetic" and not os.path.exists(cfg.data_dir):
+        origin = ("--data_dir" if "data_dir" in overrides
+                  else f"data_dir {cfg.data_dir!r} from {model_dir}/config.json"
+                       + (" (relative to where training ran)" if not os.path.isabs(cfg.data_dir)
+                          else ""))
+        raise DataError(f"{origin}: not found from here; pass --data_dir=...")
+    return cfg
+
+
+def select_split(bundle, split: str):
+    if split not in SPLITS:
+        raise ConfigError(f"--split={split!r} is not one of {', '.join(SPLITS)}")
+    chosen = getattr(bundle, split)
+    if chosen is None:
+        raise ConfigError("--split=validation: this run held out no validation split "
+                          "(it was trained without --validation_size)")
+    return chosen
+
+
+# --------------------------------------------------------------------------- metrics
+
+def flip_tta(model, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Mean of the probabilities of each image and its horizontal mirror image."""
+    return 0.5 * (model.probabilities(images, batch_size)
+                  + model.probabilities(images[:, :, ::-1, :], batch_size))
+
+
+def summary_metrics(labels: np.ndarray, probs: np.ndarray, top_k: int) -> dict:
+    """Accuracy (+ binomial standard error), cross-entropy loss, top-k accuracy."""
+    from sklearn.metrics import top_k_accuracy_score  # noqa: PLC0415
+
+    n, classes = probs.shape
+    p = probs.astype(np.float64)
+    p = p / p.sum(axis=1, keepdims=True)
+    p_true = np.clip(p[np.arange(n), labels], EPSILON, 1.0 - EPSILON)
+    accuracy = float(np.mean(np.argmax(probs, axis=1) == labels))
+    k = min(top_k, classes)
+    top = (float(top_k_accuracy_score(labels, probs, k=k, labels=np.arange(classes)))
+           if k < classes else 1.0)
+    return {"accuracy": accuracy,
+            "accuracy_standard_error": math.sqrt(accuracy * (1.0 - accuracy) / n),
+            "loss": float(np.mean(-np.log(p_true))),
+            "top_k": k, "top_k_accuracy": top}
+
+
+def classification_metrics(labels: np.ndarray, predicted: np.ndarray, class_names) -> tuple:
+    """(per-class/average dict, scikit-learn report text, confusion matrix)."""
+    from sklearn.metrics import classification_report, confusion_matrix  # noqa: PLC0415
+
+    ids = np.arange(len(class_names))
+    kwargs = dict(labels=ids, target_names=list(class_names), zero_division=0)
+    report = classification_report(labels, predicted, output_dict=True, **kwargs)
+    text = classification_report(labels, predicted, digits=4, **kwargs)
+    matrix = confusion_matrix(labels, predicted, labels=ids)
+
+    def entry(d):
+        return {"precision": d["precision"], "recall": d["recall"], "f1": d["f1-score"],
+                "support": int(d["support"])}
+
+    return ({"per_class": {name: entry(report[name]) for name in class_names},
+             "macro_avg": entry(report["macro avg"]),
+             "weighted_avg": entry(report["weighted avg"])}, text, matrix)
+
+
+# --------------------------------------------------------------------------- curves
+
+def read_history(model_dir: str) -> list:
+    path = os.path.join(model_dir, "history.csv")
+    if not os.path.isfile(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def read_tensorboard_scalars(model_dir: str, tags) -> dict:
+    """{tag: (steps, values)} from model_dir/tensorboard; {} when there is none."""
+    folder = os.path.join(model_dir, "tensorboard")
+    if not os.path.isdir(folder):
+        return {}
+    import tensorflow as tf  # noqa: PLC0415
+    from tensorflow.core.util import event_pb2  # noqa: PLC0415
+
+    found = {tag: {} for tag in tags}
+    for name in sorted(os.listdir(folder)):
+        if "tfevents" not in name:
+            continue
+        try:
+            for record in tf.data.TFRecordDataset(os.path.join(folder, name)):
+                event = event_pb2.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if value.tag in found and value.HasField("tensor"):
+                        found[value.tag][int(event.step)] = float(
+                            tf.make_ndarray(value.tensor))  # a resumed run rewrites steps
+        except tf.errors.OpError as e:  # a truncated event file: use what was read
+            logging.warning("%s: %s", name, str(e).splitlines()[0])
+    return {tag: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)]))
+            for tag, d in found.items() if d}
+
+
+def plot_training_curves(model_dir: str, path: str, config: dict | None = None) -> bool:
+    """training_curves.png from history.csv (+ TensorBoard scalars); False if no history.
+    config: the run's config.json (labels the training curves)."""
+    from cifar_dist import plots  # noqa: PLC0415
+
+    history = read_history(model_dir)
+    if not history:
+        logging.info("%s has no history.csv: no training curves", model_dir)
+        return False
+    first = history[0]
+    steps_per_epoch = float(first["step"]) / max(float(first["epoch"]), 1.0)
+    scalars = read_tensorboard_scalars(
+        model_dir, ("train/learning_rate", "train/images_per_second"))
+
+    def in_epochs(tag):
+        if tag not in scalars:
+            return None
+        steps, values = scalars[tag]
+        return steps / steps_per_epoch, values
+
+    # Training loss/accuracy are measured on augmented images, with label smoothing in the
+    # loss: say so, or the gap to the evaluation curve reads as a mistake.
+    cfg = config or {}
+    notes = (["measured on augmented images"] if cfg.get("augment") else []) + \
+        ([f"loss with label smoothing {cfg['label_smoothing']:g}"]
+         if cfg.get("label_smoothing") else [])
+    if history[0].get("images_per_second") not in (None, ""):  # per epoch, training only
+        speed = (np.array([float(r["epoch"]) for r in history]),
+                 np.array([float(r["images_per_second"]) for r in history]))
+        speed_title = "training images/s per epoch"
+    else:
+        # TensorBoard's per-window figure: the first window includes XLA compilation, a
+        # window after an epoch end that epoch's evaluation and checkpoint.
+        speed = in_epochs("train/images_per_second")
+        speed_title = "images/s per log window\n(incl. compile, eval, checkpoints)"
+    plots.training_curves(history, path, lr_curve=in_epochs("train/learning_rate"),
+                          speed_curve=speed, speed_title=speed_title,
+                          title=f"training curves: {model_dir}",
+                          train_note=f"train: {', '.join(notes)}" if notes else "")
+    return True
+
+
+# --------------------------------------------------------------------------- writing
+
+def _saved_config(model_dir: str) -> dict:
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
+def _prepare_output(output_dir: str) -> str:
+    """Checks output_dir may be (re)placed: absent, empty, or an earlier evaluation's folder
+    (only our file names in it), never e.g. the model_dir itself."""
+    output_dir = os.path.normpath(output_dir)
+    if os.path.exists(output_dir):
+        if not os.path.isdir(output_dir):
+            raise ConfigError(f"--output_dir={output_dir} is a file")
+        if not set(os.listdir(output_dir)) <= set(OUTPUT_FILES + PLOT_FILES):
+            raise ConfigError(f"--output_dir={output_dir} exists and is not an evaluation "
+                              "folder: it would be replaced; choose another")
+    parent = os.path.dirname(os.path.abspath(output_dir))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output_dir={output_dir}: {parent} is not a writable folder")
+    return output_dir
+
+
+def _write_predictions(path, labels, predicted, confidence, class_names):
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "true_id", "true_label", "predicted_id", "predicted_label",
+                    "confidence", "correct"])
+        for i, (t, p, c) in enumerate(zip(labels, predicted, confidence)):
+            w.writerow([i, int(t), class_names[t], int(p), class_names[p], f"{c:.6f}",
+                        int(t == p)])
+
+
+def _report_text(metrics, sklearn_text) -> str:
+    m = metrics
+    lines = [f"model: {m['model_path']}",
+             f"data: {m['data_source']}; split {m['split']}, {m['examples']} images",
+             f"accuracy {m['accuracy']:.4f} (standard error {m['accuracy_standard_error']:.4f}), "
+             f"loss {m['loss']:.4f}, top-{m['top_k']} accuracy {m['top_k_accuracy']:.4f}"]
+    if m.get("tta"):
+        t = m["tta"]
+        lines.append(f"flip TTA: accuracy {t['accuracy']:.4f} (standard error "
+                     f"{t['accuracy_standard_error']:.4f}), loss {t['loss']:.4f}, "
+                     f"top-{t['top_k']} accuracy {t['top_k_accuracy']:.4f}")
+    lines.append("(report below: without TTA)")
+    return "\n".join(lines) + "\n\n" + sklearn_text
+
+
+# --------------------------------------------------------------------------- entry point
+
+def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test",
+                       tta: bool = False, top_k: int = 5, batch_size: int = 500,
+                       output_dir: str = "", plots: bool = True) -> dict:
+    """Evaluates model_dir/export/model.keras on one split and writes output_dir.
+
+    bundle_or_cfg: a cifar_dist.data.DataBundle (already loaded, e.g. by training), a
+    Config (data.load(cfg) is called), or None (the run's config.json). output_dir
+    defaults to model_dir/eval. Returns the metrics written to output_dir/metrics.json,
+    plus "eval_dir". Raises UserError subclasses for bad input, before writing anything.
+    """
+    from cifar_dist import data  # noqa: PLC0415
+
+    model_path = exported_model_path(model_dir)
+    if split not in SPLITS:
+        raise ConfigError(f"--split={split!r} is not one of {', '.join(SPLITS)}")
+    if top_k < 1 or batch_size < 1:
+        raise ConfigError("--top_k and --eval_batch_size must be >= 1")
+    output_dir = _prepare_output(output_dir or os.path.join(model_dir, EVAL_SUBDIR))
+    if isinstance(bundle_or_cfg, data.DataBundle):
+        bundle = bundle_or_cfg
+    else:
+        cfg = bundle_or_cfg if bundle_or_cfg is not None else config_from_model_dir(model_dir)
+        bundle = data.load(cfg)
+    chosen = select_split(bundle, split)
+
+    from cifar_dist import export  # noqa: PLC0415
+    model = export.load_exported(model_path)
+    if model.num_classes != bundle.num_classes:
+        raise DataError(f"{model_path} predicts {model.num_classes} classes but the data "
+                        f"({bundle.source}) has {bundle.num_classes}")
+    if tuple(model.class_names) != tuple(bundle.class_names):
+        raise DataError(f"{model_path} was trained on classes {list(model.class_names)}, "
+                        f"the data ({bundle.source}) has {list(bundle.class_names)}")
+    class_names = list(bundle.class_names)
+    labels, images = chosen.labels.astype(np.int64), chosen.images
+    logging.info("evaluating %s on %d %s images of %s", model_path, len(labels), split,
+                 bundle.source)
+
+    probs = model.probabilities(images, batch_size)
+    predicted = np.argmax(probs, axis=1)
+    confidence = probs[np.arange(len(labels)), predicted]
+    metrics = {"model_path": model_path, "data_source": bundle.source, "split": split,
+               "examples": int(len(labels)), "class_names": class_names}
+    metrics.update(summary_metrics(labels, probs, top_k))
+    per_class, sklearn_text, matrix = classification_metrics(labels, predicted, class_names)
+    metrics.update(per_class)
+    metrics["confusion_matrix"] = matrix.tolist()
+    metrics["tta"] = summary_metrics(labels, flip_tta(model, images, batch_size), top_k) \
+        if tta else None
+
+    tmp = output_dir + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        files = list(OUTPUT_FILES)
+        _write_predictions(os.path.join(tmp, "predictions.csv"), labels, predicted,
+                           confidence, class_names)
+        with open(os.path.join(tmp, "classification_report.txt"), "w") as f:
+            f.write(_report_text(metrics, sklearn_text))
+        if plots:
+            from cifar_dist import plots as plots_lib  # noqa: PLC0415
+            accuracy = (f"accuracy {metrics['accuracy']:.2%} "
+                        f"(standard error {metrics['accuracy_standard_error']:.2%})")
+            plots_lib.confusion_matrix(
+                matrix, class_names, os.path.join(tmp, "confusion_matrix.png"),
+                title=f"{split}: {len(labels)} images, {accuracy}")
+            plots_lib.prediction_grid(
+                images, labels, predicted, confidence, class_names,
+                os.path.join(tmp, "predictions.png"),
+                title=f"{split}: most confident mistakes first (red: wrong, green: right; "
+                      "number: confidence)")
+            files += list(PLOT_FILES[:2])
+            if plot_training_curves(model_dir, os.path.join(tmp, "training_curves.png"),
+                                    _saved_config(model_dir)):
+                files.append("training_curves.png")
+        metrics["files"] = sorted(files)
+        with open(os.path.join(tmp, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(output_dir, ignore_errors=True)
+    os.replace(tmp, output_dir)
+    logging.info("%s accuracy %.4f (+/- %.4f), loss %.4f; wrote %s", split, metrics["accuracy"],
+                 metrics["accuracy_standard_error"], metrics["loss"], output_dir)
+    return dict(metrics, eval_dir=output_dir)
+
+
+# --------------------------------------------------------------------------- command line
+
+def _flag_values() -> flags.FlagValues:
+    # A private FlagValues: main.py imports this module beside the training flags, and
+    # tests call main() many times in one process.
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model_dir", None, "the training run's folder (holds export/)",
+                        flag_values=fv)
+    flags.DEFINE_enum("split", "test", SPLITS, "which split to evaluate (validation: runs "
+                      "trained with --validation_size)", flag_values=fv)
+    flags.DEFINE_bool("tta", False, "also report flip test-time augmentation (mean of the "
+                      "probabilities of each image and its mirror image)", flag_values=fv)
+    flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy", flag_values=fv)
+    flags.DEFINE_integer("eval_batch_size", 500, "images per inference batch", flag_values=fv)
+    flags.DEFINE_string("output_dir", "", "where to write (default: model_dir/eval, replaced)",
+                        flag_values=fv)
+    flags.DEFINE_bool("plots", True, "write the PNG plots", flag_values=fv)
+    # Data overrides: default None = "as in the run's config.json".
+    flags.DEFINE_enum("dataset", None, config_lib.DATASETS, "data source", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "data folder (see cifar_dist.main --helpfull)",
+                        flag_values=fv)
+    flags.DEFINE_bool("download", None, "let TFDS download CIFAR-10", flag_values=fv)
+    for name in ("train_subset", "test_subset", "synthetic_train_size", "synthetic_test_size",
+                 "seed"):
+        flags.DEFINE_integer(name, None, f"as the training flag --{name}", flag_values=fv)
+    return fv
+
+
+def parse_flags(fv: flags.FlagValues, argv) -> list:
+    """absl flag errors -> the same one line and exit status 2 as every cifar_dist command."""
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help(), file=sys.stderr)
+        raise SystemExit(0)
+    try:
+        return fv(argv)
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+
+
+def main(argv) -> int:
+    """Runs the command for argv (program name first); returns the exit status."""
+    try:
+        fv = _flag_values()
+        rest = parse_flags(fv, argv)
+        if len(rest) > 1:
+            raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
+        model_dir = os.path.expanduser(fv.model_dir or "")
+        exported_model_path(model_dir)  # fail fast, before the data load
+        cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
+        metrics = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta,
+                                     top_k=fv.top_k, batch_size=fv.eval_batch_size,
+                                     output_dir=fv.output_dir, plots=fv.plots)
+    except UserError as e:
+        print(f"cifar_dist: error: {e}", file=sys.stderr)
+        return e.exit_code
+    m = metrics
+    line = (f"{m['split']}_accuracy={m['accuracy']:.4f} (+/- {m['accuracy_standard_error']:.4f} "
+            f"standard error, {m['examples']} images) loss={m['loss']:.4f} "
+            f"top{m['top_k']}_accuracy={m['top_k_accuracy']:.4f}")
+    if m["tta"]:
+        line += f" tta_accuracy={m['tta']['accuracy']:.4f}"
+    print(f"{line} eval_dir={m['eval_dir']}")
+    return 0
+
+
+def run():
+    """Console-script entry point."""
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

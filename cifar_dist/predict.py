@@ -1,0 +1,209 @@
+"""Classify image files with an exported model; write one CSV row per image.
+
+    python -m cifar_dist.predict --model=PATH [--output=FILE.csv] PATHS...
+
+PATH: an export folder (DIR/export), a training model_dir, a model.keras file or a
+SavedModel folder; without --model, the model shipped in the package
+(cifar_dist/assets/seed_model.keras) when there is one. PATHS: image files and folders;
+folders are searched recursively for .png .jpg .jpeg .bmp .gif .webp files. Any size is
+resized to 32x32 (a note on stderr says so), grayscale/palette/RGBA/CMYK/16-bit images
+are converted to 8-bit RGB.
+
+CSV (to --output, or stdout): path,label,confidence, then one probability column per class.
+A missing, corrupt or non-image file gives one `cifar_dist: error: PATH: ...` line on
+stderr and no row; the other files are still classified.
+
+Exit status: 0 every file classified; 2 any file failed, or bad input (a bad flag, no
+usable model: one line on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+
+import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from cifar_dist import images as images_lib  # noqa: E402
+from cifar_dist.errors import ConfigError, UserError  # noqa: E402
+from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
+
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                             "seed_model.keras")
+CHUNK = 2048  # files decoded and classified per round: bounds memory for huge folders
+MAX_RESIZE_NOTES = 20  # then one summary line, not thousands of notes
+
+
+@dataclasses.dataclass
+class FileResult:
+    path: str
+    probabilities: np.ndarray | None = None  # float32 [classes]
+    error: str = ""
+    original_size: tuple | None = None  # (width, height) before resizing
+
+    @property
+    def resized(self) -> bool:
+        return self.original_size is not None and self.original_size != (32, 32)
+
+
+def default_model() -> str:
+    """The shipped model's path; ModelError when the package ships none."""
+    if os.path.isfile(SHIPPED_MODEL):
+        return SHIPPED_MODEL
+    raise ModelError("no --model given and no model shipped in the package "
+                     f"({SHIPPED_MODEL} is absent): pass --model=MODEL_DIR/export")
+
+
+def expand_paths(paths) -> tuple[list, list]:
+    """(image files in order, FileResults with errors for paths that give no images)."""
+    files, errors = [], []
+    for path in paths:
+        if os.path.isdir(path):
+            found = images_lib.list_images(path)
+            if not found:
+                errors.append(FileResult(path, error=f"{path}: folder holds no images "
+                                         f"({', '.join(images_lib.IMAGE_EXTENSIONS)})"))
+            files.extend(found)
+        elif os.path.isfile(path):
+            files.append(path)  # named explicitly: tried whatever its extension
+        else:
+            errors.append(FileResult(path, error=f"{path}: no such file or folder"))
+    return files, errors
+
+
+def _load(path: str):
+    try:
+        array, size = images_lib.load_image(path)
+        return array, size, ""
+    except images_lib.ImageError as e:
+        return None, None, str(e)
+    except (OSError, MemoryError) as e:  # e.g. permission denied on open
+        return None, None, f"{path}: {type(e).__name__}: {e}"
+
+
+def predict_files(model, files, batch_size: int = 256):
+    """Yields a FileResult per file, in order: CHUNK files are decoded, then classified in
+    batches of batch_size. (Decoding in threads was slower here: small files are GIL-bound.)"""
+    for start in range(0, len(files), CHUNK):
+        chunk = files[start:start + CHUNK]
+        loaded = [_load(path) for path in chunk]
+        good = [i for i, (array, _, _) in enumerate(loaded) if array is not None]
+        probs = (model.probabilities(np.stack([loaded[i][0] for i in good]), batch_size)
+                 if good else None)
+        row_of = {i: r for r, i in enumerate(good)}
+        for i, path in enumerate(chunk):
+            array, size, error = loaded[i]
+            if error:
+                yield FileResult(path, error=error)
+            else:
+                yield FileResult(path, probabilities=probs[row_of[i]], original_size=size)
+
+
+# --------------------------------------------------------------------------- command line
+
+def _flag_values() -> flags.FlagValues:
+    # A private FlagValues: tests call main() many times in one process.
+    fv = flags.FlagValues()
+    flags.DEFINE_string("model", "", "export folder, training model_dir, model.keras or "
+                        "SavedModel folder (default: the model shipped in the package)",
+                        flag_values=fv)
+    flags.DEFINE_string("output", "", "CSV file to write (default: stdout)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 256, "images per inference batch", flag_values=fv)
+    return fv
+
+
+def parse_flags(fv: flags.FlagValues, argv) -> list:
+    """absl flag errors -> the same one line and exit status 2 as every cifar_dist command."""
+    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
+        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help(), file=sys.stderr)
+        raise SystemExit(0)
+    try:
+        return fv(argv)
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_output(path: str) -> None:
+    if not path:
+        return
+    if os.path.isdir(path):
+        raise ConfigError(f"--output={path} is a folder; name a .csv file")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output={path}: {parent} is not a writable folder")
+
+
+def main(argv) -> int:
+    """Runs the command for argv (program name first); returns the exit status."""
+    try:
+        fv = _flag_values()
+        paths = parse_flags(fv, argv)[1:]
+        if not paths:
+            raise ConfigError("give at least one image file or folder to classify")
+        if fv.batch_size < 1:
+            raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
+        _check_output(fv.output)
+        model_path = os.path.expanduser(fv.model) if fv.model else default_model()
+        if not os.path.exists(model_path):
+            raise ModelError(f"--model={model_path}: no such file or folder")
+        from cifar_dist.export import load_exported  # noqa: PLC0415 (imports TensorFlow)
+        model = load_exported(model_path)
+    except UserError as e:
+        print(f"cifar_dist: error: {e}", file=sys.stderr)
+        return e.exit_code
+
+    files, failures = expand_paths(paths)
+    for result in failures:  # paths that gave no files at all
+        print(f"cifar_dist: error: {result.error}", file=sys.stderr)
+    tmp = fv.output + ".tmp" if fv.output else ""
+    out = open(tmp, "w", newline="") if tmp else sys.stdout
+    ok = resized = 0
+    try:
+        writer = csv.writer(out)
+        writer.writerow(["path", "label", "confidence"] + list(model.class_names))
+        for result in predict_files(model, files, fv.batch_size):
+            if result.error:
+                failures.append(result)
+                print(f"cifar_dist: error: {result.error}", file=sys.stderr)
+                continue
+            if result.resized:
+                resized += 1
+                if resized <= MAX_RESIZE_NOTES:
+                    w, h = result.original_size
+                    print(f"cifar_dist: note: {result.path}: resized from {w}x{h} to 32x32",
+                          file=sys.stderr)
+            p = result.probabilities
+            best = int(np.argmax(p))
+            writer.writerow([result.path, model.class_names[best], f"{p[best]:.6f}"]
+                            + [f"{v:.6f}" for v in p])
+            ok += 1
+    except BaseException:
+        if tmp:
+            out.close()
+            os.remove(tmp)
+        raise
+    if tmp:
+        out.close()
+        os.replace(tmp, fv.output)  # whole or not at all
+    if resized > MAX_RESIZE_NOTES:
+        print(f"cifar_dist: note: {resized - MAX_RESIZE_NOTES} more images resized to 32x32",
+              file=sys.stderr)
+    if failures:
+        print(f"cifar_dist: {len(failures)} of {ok + len(failures)} inputs failed; "
+              f"{ok} classified", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run():
+    """Console-script entry point."""
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()
