@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# Multi-node training under SLURM: one MultiWorkerMirroredStrategy worker per task.
+#
+#   cd /path/to/cifar_dist          # submit from the repository root
+#   sbatch slurm/train.sh --flagfile=configs/smoke.cfg \
+#       --data_dir=/shared/cifar --model_dir=/shared/runs/exp1
+#
+# Flags after the script name go to `python -m cifar_dist.main`, behind
+# `--strategy=multi_worker --cluster=slurm`. sbatch options on the command line override
+# the #SBATCH lines below (e.g. `sbatch --nodes=4 slurm/train.sh ...`).
+#
+# Site knobs (edit here, or set in the environment you submit from; sbatch passes it on):
+#   #SBATCH --partition / --account   uncomment below
+#   CIFAR_DIST_MODULES="cuda/12.3 cudnn"   `module load` these first
+#   CIFAR_DIST_VENV=/path/to/venv         activate this virtual environment
+#   PYTHON=python3                        the interpreter (default python3)
+#   CIFAR_DIST_MAX_REQUEUES=20            stop requeueing after this many restarts
+#   NCCL_SOCKET_IFNAME / NCCL_IB_HCA      the usual NCCL network knobs, if your site needs them
+#
+# Layout: one task per node, each task driving ALL of its node's GPUs as local replicas
+# (MultiWorkerMirroredStrategy runs all-reduce inside the node and across nodes; NCCL on
+# GPUs). One task per node is the binding TensorFlow's SlurmClusterResolver gets right:
+# with several tasks per node and --gpus-per-task, SLURM gives each task one GPU in
+# CUDA_VISIBLE_DEVICES and the resolver then divides "1 GPU per node" among the tasks
+# and fails (see docs/running.md, "GPU binding").
+#
+# Pre-emption and time limits: `--signal=USR1@120` (no "B:") makes SLURM send SIGUSR1 to
+# the training tasks themselves 120 s before the time limit. Each task then finishes
+# its step, every task agrees to stop, the chief writes a checkpoint, and all exit 75.
+# This script sees srun exit 75 and requeues the job (`scontrol requeue`); the next run
+# resumes from model_dir/checkpoints. With "B:USR1@120" only this batch shell would get
+# the signal: the shell is blocked in `srun` and bash runs traps only after srun returns,
+# so the tasks would be killed at the time limit without a checkpoint.
+# When the scheduler pre-empts the job (PreemptMode=REQUEUE) the tasks get SIGTERM, save
+# and exit 75 the same way, and SLURM requeues the job itself.
+# --requeue also lets SLURM restart the job after a node failure; the run resumes from
+# the newest checkpoint. model_dir must be on a filesystem every node sees.
+#
+#SBATCH --job-name=cifar_dist
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-task=4
+#SBATCH --cpus-per-task=16
+#SBATCH --time=04:00:00
+#SBATCH --requeue
+#SBATCH --signal=USR1@120
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+##SBATCH --partition=gpu
+##SBATCH --account=my_project
+
+set -uo pipefail
+
+STOPPED=75  # cifar_dist.main: stopped by a signal after saving a checkpoint
+
+if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "slurm/train.sh: error: submit it with sbatch (sbatch slurm/train.sh --model_dir=...)" >&2
+    exit 2
+fi
+cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
+
+if [ -n "${CIFAR_DIST_MODULES:-}" ]; then
+    # shellcheck disable=SC2086
+    module load $CIFAR_DIST_MODULES || { echo "slurm/train.sh: error: module load $CIFAR_DIST_MODULES failed" >&2; exit 2; }
+fi
+if [ -n "${CIFAR_DIST_VENV:-}" ]; then
+    # shellcheck disable=SC1091
+    source "$CIFAR_DIST_VENV/bin/activate" || { echo "slurm/train.sh: error: cannot activate $CIFAR_DIST_VENV" >&2; exit 2; }
+fi
+PYTHON=${PYTHON:-python3}
+# Run from a checkout without installing: the batch script itself is a copy in SLURM's
+# spool folder, so find the package from the submit directory.
+if [ -d "$PWD/cifar_dist" ]; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# The cluster comes from SLURM (--cluster=slurm); a TF_CONFIG exported in the submitting
+# shell would only contradict it.
+unset TF_CONFIG
+# Since SLURM 22.05 srun no longer inherits --cpus-per-task from sbatch.
+export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
+export PYTHONUNBUFFERED=1
+
+echo "slurm/train.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NODELIST:-?}:" \
+     "${SLURM_NTASKS:-?} task(s), $(date -u +%FT%TZ)"
+
+# --kill-on-bad-exit=0: when a task exits 75 after a stop, the others may still be
+# finishing the (collective) checkpoint; killing them then could lose it. A crashed task
+# is noticed by its peers instead (connection reset, or --collective_timeout), so the step
+# still ends. --label prefixes every output line with the task number.
+srun --kill-on-bad-exit=0 --label "$PYTHON" -m cifar_dist.main \
+    --strategy=multi_worker --cluster=slurm "$@"
+rc=$?
+
+if [ "$rc" -eq "$STOPPED" ]; then
+    restarts=${SLURM_RESTART_COUNT:-0}
+    if [ "$restarts" -ge "${CIFAR_DIST_MAX_REQUEUES:-20}" ]; then
+        echo "slurm/train.sh: stopped with a checkpoint (exit 75) but already requeued $restarts times: not requeueing" >&2
+    else
+        echo "slurm/train.sh: stopped with a checkpoint (exit 75): requeueing job $SLURM_JOB_ID to resume"
+        scontrol requeue "$SLURM_JOB_ID" || echo "slurm/train.sh: scontrol requeue failed: resubmit the same command to resume" >&2
+    fi
+elif [ "$rc" -ne 0 ]; then
+    echo "slurm/train.sh: training failed with exit status $rc (2 bad input, 4 diverged; see the task lines above)" >&2
+else
+    echo "slurm/train.sh: done $(date -u +%FT%TZ)"
+fi
+exit "$rc"
