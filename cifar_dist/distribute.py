@@ -12,9 +12,11 @@ CPU devices and collective ops can only be configured at start-up.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import shutil
+import subprocess
 
 import tensorflow as tf
 from absl import logging
@@ -75,28 +77,77 @@ def slurm_port_base() -> int:
     return 15000 + (int(job_id) % 5000) * 8
 
 
+def _slurm_int(name: str) -> int:
+    value = os.environ.get(name, "")
+    if not value.isdigit():
+        raise ClusterError(f"{name}={value!r} is not a number")
+    return int(value)
+
+
+def bind_local_gpus(local_id: int, tasks_here: int) -> None:
+    """Gives this task its own slice of the node's GPUs (CUDA_VISIBLE_DEVICES).
+
+    When SLURM already bound GPUs per task (fewer visible than tasks here), or there is
+    one task per node, nothing changes. Ids are taken from the visible list, never
+    renumbered from 0 (a shared node's "4,5" stays "4,5").
+    """
+    if tasks_here <= 1:
+        return
+    visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if not visible and shutil.which("nvidia-smi"):
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=60).stdout
+        visible = [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU")]
+    if len(visible) < tasks_here:
+        return  # bound per task by SLURM (or no GPUs): leave it alone
+    per_task = len(visible) // tasks_here
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(visible[local_id * per_task:
+                                                          (local_id + 1) * per_task])
+
+
 def slurm_resolver():
-    """SlurmClusterResolver, with the CPU-node pitfalls handled (see BUILD_NOTES.md)."""
+    """The cluster from SLURM's step variables, in SLURM's own rank order.
+
+    Not tf.distribute's SlurmClusterResolver: it sorts host names as strings (node10 before
+    node9, while SLURM gives rank 0 to node9), needs nvidia-smi even on CPU nodes, and
+    renumbers CUDA_VISIBLE_DEVICES from 0 (see BUILD_NOTES.md). Only its host-list parsers
+    are reused.
+    """
+    from tensorflow.python.distribute.cluster_resolver.slurm_cluster_resolver import (  # noqa: PLC0415
+        expand_hostlist, expand_tasks_per_node)
+
     for name in ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_STEP_NODELIST",
                  "SLURM_STEP_TASKS_PER_NODE"):
         if name not in os.environ:
             raise ClusterError(f"{name} is not set: run multi_worker under `srun` inside an "
                                "allocation (sbatch slurm/train.sh), or set TF_CONFIG")
-    procid, ntasks = os.environ["SLURM_PROCID"], os.environ["SLURM_STEP_NUM_TASKS"]
-    if not (procid.isdigit() and ntasks.isdigit()) or int(procid) >= int(ntasks):
-        raise ClusterError(f"SLURM_PROCID={procid!r} and SLURM_STEP_NUM_TASKS={ntasks!r} are "
+    rank, ntasks = _slurm_int("SLURM_PROCID"), _slurm_int("SLURM_STEP_NUM_TASKS")
+    if rank >= ntasks:
+        raise ClusterError(f"SLURM_PROCID={rank} and SLURM_STEP_NUM_TASKS={ntasks} are "
                            "inconsistent")
-    kwargs = {"port_base": slurm_port_base()}
-    if shutil.which("nvidia-smi") is None:
-        # No GPUs: the resolver would run nvidia-smi to count them and crash. Tell it each
-        # task has one (unused) "GPU" slot and leave CUDA_VISIBLE_DEVICES alone.
-        per_node = max(int(x.split("(")[0]) for x in
-                       os.environ["SLURM_STEP_TASKS_PER_NODE"].split(","))
-        kwargs.update(gpus_per_node=per_node, gpus_per_task=1, auto_set_gpu=False)
     try:
-        return tf.distribute.cluster_resolver.SlurmClusterResolver(**kwargs)
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise ClusterError(f"SLURM variables cannot describe a cluster: {e}") from None
+        hosts = expand_hostlist(os.environ["SLURM_STEP_NODELIST"])
+        counts = expand_tasks_per_node(os.environ["SLURM_STEP_TASKS_PER_NODE"])
+    except (ValueError, IndexError) as e:
+        raise ClusterError(f"SLURM_STEP_NODELIST / SLURM_STEP_TASKS_PER_NODE cannot be parsed "
+                           f"({e})") from None
+    if len(hosts) != len(counts) or sum(counts) != ntasks:
+        raise ClusterError(f"SLURM_STEP_NODELIST has {len(hosts)} host(s) and "
+                           f"SLURM_STEP_TASKS_PER_NODE {counts} task(s), but "
+                           f"SLURM_STEP_NUM_TASKS={ntasks}: inconsistent")
+    base = slurm_port_base()
+    # SLURM's default block distribution: ranks fill the nodes in nodelist order.
+    addresses = [f"{host}:{base + j}" for host, n in zip(hosts, counts) for j in range(n)]
+    node = next(i for i, end in enumerate(itertools.accumulate(counts)) if rank < end)
+    local_id = rank - sum(counts[:node])
+    if os.environ.get("SLURM_LOCALID", str(local_id)) != str(local_id):
+        raise ClusterError(f"SLURM_LOCALID={os.environ['SLURM_LOCALID']} but rank {rank} should "
+                           f"be task {local_id} on {hosts[node]}: only block distribution "
+                           "(srun's default) is supported")
+    bind_local_gpus(local_id, counts[node])
+    return tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec({"worker": addresses}), task_type="worker", task_id=rank,
+        rpc_layer="grpc")
 
 
 def cluster_resolver(cfg):

@@ -27,20 +27,22 @@ FLAGS = flags.FLAGS
 
 def train_main(cfg) -> dict:
     # Checks that need no TensorFlow come first, so their errors are one clean line.
-    from cifar_dist import data, preflight  # noqa: PLC0415
+    from cifar_dist import data, preflight, signals  # noqa: PLC0415
 
     preflight.check_model_dir(cfg.model_dir)
-    bundle = None if data.needs_tensorflow(cfg) else data.load(cfg)
-    # The strategy (devices, collectives) must exist before any TensorFlow op runs.
-    from cifar_dist import distribute, train  # noqa: PLC0415
+    with signals.StopRequest() as stop:  # from here on a signal is remembered, not fatal
+        bundle = None if data.needs_tensorflow(cfg) else data.load(cfg)
+        # The strategy (devices, collectives) must exist before any TensorFlow op runs.
+        from cifar_dist import distribute, train  # noqa: PLC0415
 
-    strategy, cluster = distribute.make_strategy(cfg)
-    bundle = bundle or data.load(cfg)
-    logging.info("data: %s; train %d, test %d%s", bundle.source, len(bundle.train),
-                 len(bundle.test), f", validation {len(bundle.validation)}"
-                 if bundle.validation is not None else "")
-    trainer = train.Trainer(cfg, strategy, cluster, bundle)
-    metrics = trainer.run()
+        strategy, cluster = distribute.make_strategy(cfg)
+        stop.install()  # MultiWorkerMirroredStrategy replaced our SIGTERM handler
+        bundle = bundle or data.load(cfg)
+        logging.info("data: %s; train %d, test %d%s", bundle.source, len(bundle.train),
+                     len(bundle.test), f", validation {len(bundle.validation)}"
+                     if bundle.validation is not None else "")
+        trainer = train.Trainer(cfg, strategy, cluster, bundle)
+        metrics = trainer.run(stop)
     if cluster.is_chief and cfg.export:
         export_and_evaluate(cfg, trainer.model, bundle)
     return metrics

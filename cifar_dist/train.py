@@ -25,7 +25,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from absl import logging
 from cifar_dist import augment as augment_lib
 from cifar_dist import pipeline, preflight
 from cifar_dist.errors import CheckpointError, Preempted, TrainingDiverged
+from cifar_dist.signals import StopRequest
 from cifar_dist.model import build_model, train_flops_per_image, trainable_param_count
 
 STOP_CHECK_STEPS = 10  # how often workers agree on a pre-emption stop (one host sync)
@@ -108,35 +108,6 @@ def write_json_atomic(path: str, obj) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
     os.replace(tmp, path)
-
-
-class StopRequest:
-    """Turns SIGTERM / SIGINT / SIGUSR1 (SLURM's pre-emption warning) into a flag."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-
-    def __init__(self):
-        self.signal = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in self.SIGNALS:
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. tests): signals stay as they were
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signal is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        self.signal = signum
-        logging.warning("received %s: saving a checkpoint and stopping",
-                        signal.Signals(signum).name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------- trainer
@@ -398,7 +369,13 @@ class Trainer:
         self.stats.assign(tf.zeros([5]))
         return values
 
-    def run(self) -> dict:
+    def run(self, stop: StopRequest | None = None) -> dict:
+        """Trains to the end. `stop`: a StopRequest installed earlier (main installs one at
+        start-up, so a signal during start-up is not lost); else one is installed here."""
+        with (stop or StopRequest()) as self.stop:
+            return self._run_locked()
+
+    def _run_locked(self) -> dict:
         if not self.cluster.is_chief:
             return self._run()
         preflight.check_disk_space(self.model_dir, trainable_param_count(self.model),
@@ -431,7 +408,8 @@ class Trainer:
         clock = Throughput(cfg.batch_size, start_step)
         epoch_stats = np.zeros(5)
         step = start_step
-        with StopRequest() as stop, writer.as_default():
+        stop = self.stop
+        with writer.as_default():
             no_stop = tf.constant(0, tf.int32)
             while step < self.total_steps:
                 flag = no_stop if stop.signal is None else tf.constant(1, tf.int32)

@@ -128,6 +128,18 @@ def test_signal_saves_a_checkpoint_and_exits_75_then_resumes(tmp_path, sig):
     assert json.loads((tmp_path / "metrics.json").read_text())["steps"] == 12
 
 
+@pytest.mark.slow
+def test_signal_during_start_up_is_not_lost(tmp_path):
+    proc = start([*RESUME_ARGS, f"--model_dir={tmp_path}"])
+    for line in proc.stdout:  # the strategy exists, data is loaded, no step has run yet
+        if "main.py" in line and " data: " in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) is not None
+
+
 def test_divergence_in_float32_stops_with_exit_4_and_keeps_last_good_checkpoint(tmp_path):
     result = run_module("cifar_dist.main", *TINY_SYNTHETIC, "--train_steps=8",
                         "--learning_rate=1e30", "--warmup_fraction=0", "--checkpoint_steps=1",
