@@ -115,7 +115,8 @@ def test_two_workers_end_with_bitwise_identical_weights(tmp_path):
 
 @pytest.mark.multiworker
 @pytest.mark.slow
-def test_a_killed_worker_makes_the_other_fail_within_the_timeout(tmp_path):
+@pytest.mark.parametrize("fault", [signal.SIGKILL, signal.SIGSTOP])
+def test_a_killed_or_stalled_worker_makes_the_other_fail_within_the_timeout(tmp_path, fault):
     flags = ["-m", "cifar_dist.main", "--dataset=synthetic", "--synthetic_train_size=512",
              "--model=tiny", "--batch_size=64", "--train_steps=400", "--log_steps=1",
              "--strategy=multi_worker", "--collective_timeout=20", "--export=false",
@@ -126,14 +127,19 @@ def test_a_killed_worker_makes_the_other_fail_within_the_timeout(tmp_path):
         if "step 3/" in line:
             break
         assert time.time() < deadline
-    procs[1].send_signal(signal.SIGKILL)
+    procs[1].send_signal(fault)  # SIGSTOP: alive but silent, connections stay open
     started = time.time()
-    out = procs[0].communicate(timeout=180)[0]
+    try:
+        out = procs[0].communicate(timeout=180)[0]
+    finally:
+        procs[1].kill()
+        procs[1].wait()
     waited = time.time() - started
     assert procs[0].returncode not in (0, None)
     assert waited < 20 + 60, f"survivor took {waited:.0f} s to notice"
     lines = error_lines(out)
-    assert len(lines) == 1 and "worker" in lines[0].lower(), out[-3000:]
+    assert len(lines) == 1 and "lost contact with another worker" in lines[0], out[-3000:]
+    assert procs[0].returncode == 3
 
 
 def test_global_batch_must_divide_among_replicas(tmp_path):
