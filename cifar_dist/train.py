@@ -36,7 +36,7 @@ from absl import logging
 
 from cifar_dist import augment as augment_lib
 from cifar_dist import pipeline, preflight
-from cifar_dist.errors import CheckpointError, Preempted, TrainingDiverged
+from cifar_dist.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
 from cifar_dist.signals import StopRequest
 from cifar_dist.model import build_model, train_flops_per_image, trainable_param_count
 
@@ -119,7 +119,6 @@ class Trainer:
         self.cfg, self.strategy, self.cluster, self.bundle = cfg, strategy, cluster, bundle
         self.replicas = strategy.num_replicas_in_sync
         if cfg.batch_size % self.replicas:
-            from cifar_dist.errors import ConfigError  # noqa: PLC0415
             raise ConfigError(f"--batch_size={cfg.batch_size} does not divide among "
                               f"{self.replicas} replicas: use a multiple of {self.replicas}")
         self.steps_per_epoch = pipeline.steps_per_epoch(len(bundle.train), cfg.batch_size)
@@ -247,13 +246,14 @@ class Trainer:
         # aggregation), so every replica and worker drifts to its own. Before anything reads
         # them (evaluation, checkpoint, export) they are averaged over all replicas and the
         # mean is written back to every copy: checkpoints and workers agree bitwise.
-        stats_vars = [v.value if hasattr(v, "value") else v for v in model.non_trainable_variables]
+        stats_vars = [getattr(v, "value", v) for v in model.non_trainable_variables]
 
         @tf.function
         def sync_moving_stats():
             def mean_of_replicas():
                 ctx = tf.distribute.get_replica_context()
-                return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v) for v in stats_vars])
+                return ctx.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                      [tf.identity(v) for v in stats_vars])
 
             means = self.strategy.run(mean_of_replicas)
             for var, mean in zip(stats_vars, means):

@@ -5,7 +5,6 @@ are fixed at start-up)."""
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess

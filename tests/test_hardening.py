@@ -4,7 +4,6 @@ and hostile images. Each case ends in a clear error or a valid result; nothing i
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import random
 import resource

@@ -11,7 +11,6 @@ Writes OUT_DIR/weights_<worker>.npz and OUT_DIR/ids_<worker>.json
 
 import json
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
