@@ -56,6 +56,7 @@ class Config:
     seed: int = 0
     # precision and compilation
     dtype: str = "float32"
+    loss_scale: float = 32768.0
     jit_compile: bool = True
     deterministic: bool = False  # TF op determinism; needs jit_compile=False
     # distribution
@@ -111,7 +112,8 @@ def validate(cfg: Config) -> None:
     _choice("all_reduce", cfg.all_reduce, ALL_REDUCE)
     positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
                 "log_steps": cfg.log_steps, "keep_checkpoints": cfg.keep_checkpoints,
-                "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout}
+                "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout,
+                "loss_scale": cfg.loss_scale}
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{name} must be > 0, got {value}")
@@ -181,6 +183,8 @@ def define_flags() -> None:
         "base_batch_size": "the global batch size --learning_rate was tuned for",
         "seed": "seed of data order, augmentation and initialisation",
         "dtype": "float32, float16 (mixed, dynamic loss scaling) or bfloat16 (mixed)",
+        "loss_scale": "float16: the initial dynamic loss scale (halved after each overflowing "
+                      "step, doubled after 2,000 good ones)",
         "jit_compile": "compile the per-replica step (augmentation, forward, loss, gradients) with XLA",
         "deterministic": "enable TensorFlow op determinism (bitwise-reproducible runs, slower)",
         "strategy": "one_device, mirrored (all local GPUs or --num_cpu_devices), multi_worker, default",

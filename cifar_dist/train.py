@@ -93,7 +93,7 @@ def make_optimizer(cfg, total_steps: int):
     # BatchNorm scales/offsets and biases are not decayed (standard practice).
     opt.exclude_from_weight_decay(var_names=["gamma", "beta", "bias"])
     if cfg.dtype == "float16":
-        opt = keras.optimizers.LossScaleOptimizer(opt)
+        opt = keras.optimizers.LossScaleOptimizer(opt, initial_scale=cfg.loss_scale)
     return opt
 
 

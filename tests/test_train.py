@@ -62,6 +62,22 @@ def test_every_dtype_learns_without_nan(tmp_path, dtype):
     assert metrics["config"]["dtype"] == dtype and np.isfinite(metrics["test_loss"])
 
 
+@pytest.mark.slow
+def test_float16_overflow_skips_steps_on_every_replica_and_counts_them(tmp_path):
+    """A loss scale of 1e30 overflows float16 gradients: every step is skipped (weights
+    untouched, scale halved) on both replicas alike, and the count reaches metrics.json."""
+    result = run_module("cifar_dist.main", *TINY_SYNTHETIC, "--train_steps=4",
+                        "--dtype=float16", "--loss_scale=1e30", "--strategy=mirrored",
+                        "--num_cpu_devices=2", "--log_steps=1", f"--model_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["skipped_steps"] == 4 and metrics["steps"] == 4
+    assert "skipped 4" in result.stderr
+    _, tensors = checkpoint_tensors(tmp_path)
+    scale = [v for k, v in tensors.items() if "dynamic_scale" in k]
+    assert scale and float(scale[0]) == pytest.approx(1e30 / 2 ** 4, rel=1e-5)
+
+
 def start(args, **kw):
     return subprocess.Popen([sys.executable, "-m", "cifar_dist.main", *args], cwd=REPO,
                             env=env_for_subprocess(), stdout=subprocess.PIPE,
