@@ -258,6 +258,8 @@ def test_no_restart_when_a_restart_cannot_help(launch, fake_env, code):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_is_forwarded_and_status_passed_back(launch, fake_env, sig):
     run = launch("--module=fake_worker", "--max_restarts=2", "--", "--steps=1000", env=fake_env)
+    # both workers must have their handlers in place (under load one can start late)
+    run.wait_for(r"^\[worker 0\] fake 0 step 2", 30)
     run.wait_for(r"^\[worker 1\] fake 1 step 2", 30)
     run.proc.send_signal(sig)
     assert run.wait(30) == 75
