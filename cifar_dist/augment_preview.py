@@ -21,6 +21,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
+from cifar_dist import cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
 from cifar_dist.errors import ConfigError, UserError  # noqa: E402
 
@@ -85,22 +86,11 @@ def _flag_values() -> flags.FlagValues:
     return fv
 
 
-def parse_flags(fv: flags.FlagValues, argv) -> list:
-    """absl flag errors -> the same one line and exit status 2 as every cifar_dist command."""
-    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help(), file=sys.stderr)
-        raise SystemExit(0)
-    try:
-        return fv(argv)
-    except flags.Error as e:
-        raise ConfigError(str(e)) from None
-
-
 def main(argv) -> int:
     """Runs the command for argv (program name first); returns the exit status."""
     try:
         fv = _flag_values()
-        rest = parse_flags(fv, argv)
+        rest = cli.parse_flags(fv, argv, __doc__)
         if len(rest) > 1:
             raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
         if not fv.output:

@@ -29,6 +29,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
+from cifar_dist import cli  # noqa: E402
 from cifar_dist import images as images_lib  # noqa: E402
 from cifar_dist.errors import ConfigError, UserError  # noqa: E402
 from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
@@ -117,17 +118,6 @@ def _flag_values() -> flags.FlagValues:
     return fv
 
 
-def parse_flags(fv: flags.FlagValues, argv) -> list:
-    """absl flag errors -> the same one line and exit status 2 as every cifar_dist command."""
-    if any(a in ("--help", "-h", "--helpfull", "-?") for a in argv[1:]):
-        print(__doc__.strip() + "\n\nflags:\n" + fv.get_help(), file=sys.stderr)
-        raise SystemExit(0)
-    try:
-        return fv(argv)
-    except flags.Error as e:
-        raise ConfigError(str(e)) from None
-
-
 def _check_output(path: str) -> None:
     if not path:
         return
@@ -142,7 +132,7 @@ def main(argv) -> int:
     """Runs the command for argv (program name first); returns the exit status."""
     try:
         fv = _flag_values()
-        paths = parse_flags(fv, argv)[1:]
+        paths = cli.parse_flags(fv, argv, __doc__)[1:]
         if not paths:
             raise ConfigError("give at least one image file or folder to classify")
         if fv.batch_size < 1:
