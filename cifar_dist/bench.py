@@ -1,8 +1,9 @@
 """Throughput benchmark: cifar_dist's XLA step against the Keras ways of training the same net.
 
     python -m cifar_dist.bench --flagfile=configs/bench.cfg --data=real \
-        --data_dir=../shared/data --output=/tmp/bench.json          # full run (~15 min, 2 CPUs)
+        --data_dir=../shared/data --output=/tmp/bench.json          # full run (~13 min, 2 CPUs)
     python -m cifar_dist.bench --tiny --output=/tmp/tiny.json       # plumbing check (tests)
+    python -m cifar_dist.bench --projection --model=seed            # GPU scaling on paper
 
 Same machine, same network (cifar_dist.model.build_model), same global batch, same dtype:
 
@@ -17,7 +18,9 @@ Same machine, same network (cifar_dist.model.build_model), same global batch, sa
                          each image on the host with scipy (ImageDataGenerator's arithmetic)
   pipeline          (4)  cifar_dist.pipeline.train_dataset alone, no model (host images/s)
   matmul            (5)  an n x n float32 tf.linalg.matmul: the roofline, timed at the start
-                         and at the end of the run
+                         and at the end of the run; every training method also times a short
+                         matmul in its own process right before and after its windows (the
+                         "adjacent" roofline: this VM's speed drifts by tens of percent)
   profile           (1p) (1) once more under the TensorFlow profiler with XLA's per-HLO-op
                          trace events on (XLA_FLAGS=--xla_cpu_enable_xprof_traceme, its own
                          process): where the step's time goes, by kind of HLO op
@@ -28,7 +31,9 @@ Each method runs in its own fresh process (unless --noisolate) so that its peak 
 memory (ru_maxrss) is its own and no method's threads, caches or compiled code affect
 another. Every method discards --warmup_windows windows (compilation, autotuning) and then
 times --windows windows of --steps_per_window steps; a window ends with a device->host read
-so the time covers finished work. Reported: the median window, and min / quartiles / max.
+so the time covers finished work. Reported: the median window, and min / quartiles / max;
+the cores the method kept busy, and the cores everything else on the machine kept busy
+meanwhile (from /proc/stat: a measured record of competing work); peak resident memory.
 
 FLOPs are the hand count (model.train_flops_per_image = 3 x conv+dense forward FLOPs, which
 tests/test_gpu.py checks against the compiled HLO); GFLOP/s = FLOPs/image x images/s.
@@ -456,14 +461,17 @@ def time_trainer(trainer):
             totals = trainer.train_step(iterator, no_stop)
         last["totals"] = totals.numpy()  # waits for the window's last step (and so all)
 
+    t0 = time.perf_counter()
     for _ in range(FLAGS.warmup_windows):
         window()
+    warmup = time.perf_counter() - t0
     before = adjacent_matmul_gflops()
     secs = timed_windows(window, 0, FLAGS.windows)
     after = adjacent_matmul_gflops()
     totals = last["totals"]
     out = summarise(secs, FLAGS.steps_per_window * trainer.cfg.batch_size,
                     FLAGS.steps_per_window)
+    out["warmup_seconds"] = warmup  # tracing + XLA compilation + the first window's steps
     out["adjacent_matmul_gflops"] = [before, after]
     out["last_step_loss"] = float(totals[0] / max(totals[2], 1))
     out["finite"] = bool(np.isfinite(totals[0]))
@@ -1339,9 +1347,8 @@ def main(argv):
         w0["gflops"] = results["counts"]["train_flops_per_image"] * w0["images_per_second"] / 1e9
         if results["roofline"]["gflops"]:
             w0["roofline_fraction"] = w0["gflops"] / results["roofline"]["gflops"]
-        if w0.get("adjacent_matmul_gflops"):
-            w0["roofline_fraction_adjacent"] = w0["gflops"] / (
-                sum(w0["adjacent_matmul_gflops"]) / len(w0["adjacent_matmul_gflops"]))
+        # no adjacent roofline here: both workers time their matmul at the same moment on
+        # the same cores, so each sees about half the machine
     results["machine"]["load_average_after"] = os.getloadavg()
     results["machine"]["top_processes_after"] = top_processes()
     results["wall_seconds"] = time.time() - t_start
