@@ -47,7 +47,6 @@ import os
 import re
 import resource
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -970,17 +969,9 @@ def run_isolated(name, tmp):
         return json.load(f)
 
 
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def run_two_workers(tmp):
+    from cifar_dist.preflight import free_ports  # noqa: PLC0415
+
     ports = free_ports(2)
     procs, outputs = [], []
     for i in range(2):

@@ -42,6 +42,23 @@ def check_disk_space(path: str, num_params: int, keep: int) -> None:
                           f"about {need / 2**20:.1f} MiB; free space or lower --keep_checkpoints")
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free TCP ports on this host (all n sockets stay open until all are chosen).
+
+    For launching local workers; launch/local.py keeps its own copy so that the launcher
+    imports nothing from cifar_dist (and so no TensorFlow)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def check_cluster_addresses(tf_config_raw: str) -> None:
     """Every worker's host must resolve, and this worker's own port must be free."""
     tf_config = json.loads(tf_config_raw)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from cifar_dist.preflight import free_ports
 from conftest import DATA_DIR, REPO, env_for_subprocess, error_lines, requires_data, run_module, \
     run_script
 
@@ -66,16 +66,6 @@ def test_two_replicas_match_one_device_and_see_each_example_once(tmp_path):
     assert max_diff(one_w, unsynced_w) > 10 * TOLERANCE
     metrics = json.loads((tmp_path / "two" / "model" / "metrics.json").read_text())
     assert metrics["replicas"] == 2
-
-
-def free_ports(n):
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def start_workers(n, argv_for, timeout_env=None):

@@ -1,0 +1,72 @@
+"""The model shipped in the package: it is there, it is the file its record describes, it
+scores its recorded accuracy on the shared test images, and `predict` uses it by default."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from cifar_dist import data, export, predict
+from conftest import DATA_DIR, error_lines, requires_data, run_module
+
+RECORD = os.path.join(os.path.dirname(predict.SHIPPED_MODEL), "seed_model.json")
+
+
+def load_record() -> dict:
+    with open(RECORD) as f:
+        return json.load(f)
+
+
+def shared_test_split(n: int):
+    return data.load_local_cifar10(data.find_local_cifar10(str(DATA_DIR))).test.take(n)
+
+
+def test_shipped_model_is_the_recorded_file():
+    # Not a skip: the package promises a model, so a missing one is a failure.
+    assert os.path.isfile(predict.SHIPPED_MODEL), "no model shipped in cifar_dist/assets"
+    record = load_record()
+    with open(predict.SHIPPED_MODEL, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == record["sha256"]
+    assert os.path.getsize(predict.SHIPPED_MODEL) < 12 * 2**20  # ~9 MB at float32
+    assert record["epochs"] <= 10
+
+
+@requires_data
+def test_shipped_model_scores_its_recorded_accuracy():
+    record = load_record()
+    model = export.load_exported(predict.SHIPPED_MODEL)
+    assert model.class_names == data.CIFAR10_CLASSES
+    test = shared_test_split(record["test_images"])
+    accuracy = float((model.probabilities(test.images).argmax(1) == test.labels).mean())
+    # The same file on the same images: equal up to a few float-rounding flips across machines.
+    assert abs(accuracy - record["test_accuracy"]) <= 0.005, (accuracy, record["test_accuracy"])
+    assert accuracy > 0.8  # a trained model, not chance (10%)
+
+
+@requires_data
+def test_predict_without_model_uses_the_shipped_one(tmp_path):
+    test = shared_test_split(20)
+    paths = []
+    for i, image in enumerate(test.images):
+        paths.append(str(tmp_path / f"{i:02d}.png"))
+        Image.fromarray(image).save(paths[-1])
+    result = run_module("cifar_dist.predict", *paths, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert error_lines(result.stderr) == []
+    rows = list(csv.reader(io.StringIO(result.stdout)))
+    assert rows[0][:3] == ["path", "label", "confidence"]
+    assert [r[0] for r in rows[1:]] == paths
+    names = [data.CIFAR10_CLASSES[label] for label in test.labels]
+    correct = sum(r[1] == name for r, name in zip(rows[1:], names))
+    # PNG round trip is lossless, so these are the same predictions as in-process ones.
+    in_process = export.load_exported(predict.SHIPPED_MODEL).probabilities(test.images)
+    assert [r[1] for r in rows[1:]] == [data.CIFAR10_CLASSES[i] for i in in_process.argmax(1)]
+    assert correct >= 15, f"{correct} of 20 correct"
+    probs = np.array([[float(v) for v in r[3:]] for r in rows[1:]])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
