@@ -33,6 +33,8 @@ TINY = ["--model=tiny", "--dataset=synthetic", "--synthetic_train_size=256",
 # 2 tasks on this node, 1 CPU each, no GPU (overrides the script's #SBATCH GPU lines).
 CPU_JOB = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-task=0",
            "--time=00:10:00"]
+# Seconds a requeued job stays held before the test lets it start (see Job.wait_done).
+REQUEUE_SETTLE_S = 5
 DONE_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
@@ -86,14 +88,23 @@ class Job:
 
     def wait_done(self, timeout: float, expedite_requeue: bool = False) -> dict:
         """Waits for a final state. A requeued job waits ~2 min (SLURM's BeginTime after a
-        requeue); expedite_requeue moves that to now so the test does not sit it out."""
+        requeue); expedite_requeue moves that to now so the test does not sit it out.
+
+        Not at once: slurmd revokes the old run's job credential at the requeue, with a
+        one-second clock, and a restart within that second is refused ("Job credential
+        revoked", the job then FAILS with exit 1). Waiting REQUEUE_SETTLE_S first is safe.
+        """
         deadline = time.monotonic() + timeout
+        pending_since = None
         while time.monotonic() < deadline:
             info = self.info()
             if info.get("JobState") in DONE_STATES:
                 return info
-            if (expedite_requeue and info.get("JobState") == "PENDING"
-                    and info.get("Reason") == "BeginTime"):
+            held = info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime"
+            if held and pending_since is None:
+                pending_since = time.monotonic()
+            if (expedite_requeue and held
+                    and time.monotonic() - pending_since >= REQUEUE_SETTLE_S):
                 subprocess.run(["scontrol", "update", f"JobId={self.id}", "StartTime=now"],
                                capture_output=True, timeout=30)
             time.sleep(1)
