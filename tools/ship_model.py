@@ -18,12 +18,16 @@ import os
 import platform
 import shutil
 import sys
+import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from cifar_dist import data, evaluate, export  # noqa: E402
+from cifar_dist.errors import UserError  # noqa: E402
 from cifar_dist.predict import SHIPPED_MODEL  # noqa: E402
+
+RECORD = os.path.join(os.path.dirname(SHIPPED_MODEL), "seed_model.json")
 
 
 def sha256(path: str) -> str:
@@ -38,32 +42,36 @@ def accuracy(model, split) -> float:
     return float((model.probabilities(split.images).argmax(1) == split.labels).mean())
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_dir", required=True, help="the finished training run")
-    parser.add_argument("--data_dir", required=True, help="CIFAR-10 python layout")
-    parser.add_argument("--test_images", type=int, default=1000)
-    parser.add_argument("--command", default="", help="the command that trained the run")
-    args = parser.parse_args()
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read it as JSON ({e}); is this a finished run?")
 
+
+def build_record(args) -> tuple[str, str, dict]:
+    """Scores the run's exported model. Returns (model file, class-names file, record)."""
     source = os.path.join(args.model_dir, export.EXPORT_SUBDIR)
-    assets = os.path.dirname(SHIPPED_MODEL)
-    os.makedirs(assets, exist_ok=True)
-    shutil.copyfile(os.path.join(source, export.KERAS_FILE), SHIPPED_MODEL)
-    shutil.copyfile(os.path.join(source, export.CLASS_NAMES_FILE),
-                    os.path.join(assets, export.CLASS_NAMES_FILE))
+    model_file = os.path.join(source, export.KERAS_FILE)
+    names_file = os.path.join(source, export.CLASS_NAMES_FILE)
+    for path in (model_file, names_file):
+        if not os.path.isfile(path):
+            raise UserError(f"{path}: missing; train with --export=true (the default) first")
+    config = read_json(os.path.join(args.model_dir, "config.json"))
+    run = read_json(os.path.join(args.model_dir, "metrics.json"))  # training's own figures
+    if args.test_images < 1:
+        raise UserError(f"--test_images must be at least 1, not {args.test_images}")
+    found = data.find_local_cifar10(args.data_dir)
+    if found is None:
+        raise UserError(f"--data_dir={args.data_dir}: no CIFAR-10 python layout there")
 
-    model = export.load_exported(SHIPPED_MODEL)
-    test = data.load_local_cifar10(data.find_local_cifar10(args.data_dir)).test
-    test = test.take(args.test_images)
+    model = export.load_exported(model_file)
+    test = data.load_local_cifar10(found).test.take(args.test_images)
     flipped = evaluate.flip_tta(model, test.images, 500).argmax(1)
-    with open(os.path.join(args.model_dir, "config.json")) as f:
-        config = json.load(f)
-    with open(os.path.join(args.model_dir, "metrics.json")) as f:
-        run = json.load(f)  # what training measured (its own test pass, speed, cost)
     record = {
         "file": os.path.basename(SHIPPED_MODEL),
-        "sha256": sha256(SHIPPED_MODEL),
+        "sha256": sha256(model_file),
         "test_images": len(test),
         "test_accuracy": accuracy(model, test),
         "test_accuracy_flip_tta": float((flipped == test.labels).mean()),
@@ -77,9 +85,48 @@ def main() -> int:
         "trained_on": f"{platform.machine()}, {os.cpu_count()} CPUs, no GPU",
         "config": config,
     }
-    with open(os.path.join(assets, "seed_model.json"), "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
+    return model_file, names_file, record
+
+
+def install(model_file: str, names_file: str, record: dict) -> None:
+    """Stages the three files next to the assets, then renames each into place, so a
+    failure never leaves a model beside a record that describes another one."""
+    assets = os.path.dirname(SHIPPED_MODEL)
+    os.makedirs(assets, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=assets, prefix=".staging-") as staging:
+        staged = {
+            SHIPPED_MODEL: shutil.copyfile(model_file, os.path.join(staging, "model")),
+            os.path.join(assets, export.CLASS_NAMES_FILE):
+                shutil.copyfile(names_file, os.path.join(staging, "names")),
+        }
+        record_path = os.path.join(staging, "record")
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+            f.write("\n")
+        if sha256(staged[SHIPPED_MODEL]) != record["sha256"]:
+            raise UserError(f"{model_file} changed while it was being scored; run again")
+        for target, path in staged.items():
+            os.replace(path, target)
+        os.replace(record_path, RECORD)  # the record last: it vouches for the files above
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model_dir", required=True, help="the finished training run")
+    parser.add_argument("--data_dir", required=True, help="CIFAR-10 python layout")
+    parser.add_argument("--test_images", type=int, default=1000)
+    parser.add_argument("--command", default="", help="the command that trained the run")
+    args = parser.parse_args()
+    try:
+        model_file, names_file, record = build_record(args)
+        install(model_file, names_file, record)
+    except KeyError as e:
+        print(f"ship_model: error: {args.model_dir}/metrics.json has no {e}; is the run finished?",
+              file=sys.stderr)
+        return 2
+    except UserError as e:
+        print(f"ship_model: error: {e}", file=sys.stderr)
+        return 2
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=1))
     return 0
 
