@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from cifar_dist import data, export, predict
-from conftest import DATA_DIR, error_lines, requires_data, run_module
+from conftest import DATA_DIR, REPO, error_lines, requires_data, run_module, run_script
 
 RECORD = os.path.join(os.path.dirname(predict.SHIPPED_MODEL), "seed_model.json")
 
@@ -70,3 +70,15 @@ def test_predict_without_model_uses_the_shipped_one(tmp_path):
     assert correct >= 15, f"{correct} of 20 correct"
     probs = np.array([[float(v) for v in r[3:]] for r in rows[1:]])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+
+
+def test_ship_model_refuses_a_run_without_export_and_leaves_the_assets(tmp_path):
+    assets = os.path.dirname(predict.SHIPPED_MODEL)
+    before = {name: os.path.getmtime(os.path.join(assets, name)) for name in os.listdir(assets)}
+    r = run_script(REPO / "tools" / "ship_model.py", f"--model_dir={tmp_path}",
+                   f"--data_dir={DATA_DIR}", timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ship_model: ")]
+    assert len(lines) == 1 and "export" in lines[0], r.stderr
+    after = {name: os.path.getmtime(os.path.join(assets, name)) for name in os.listdir(assets)}
+    assert after == before  # nothing written, no staging folder left
