@@ -1100,22 +1100,29 @@ def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
 
+def _percent(m: dict, key: str):
+    return 100 * m[key] if key in m else None
+
+
+def _method_row(label: str, m: dict) -> tuple:
+    """One table row from a method's (or the chief worker's) measurements."""
+    return (label, fmt(m.get("images_per_second"), ",.1f"),
+            f"{fmt(m.get('images_per_second_min'), ',.1f')}-"
+            f"{fmt(m.get('images_per_second_max'), ',.1f')}",
+            fmt(m.get("ratio_to_cifar_dist"), ".2f"), fmt(m.get("gflops"), ".1f"),
+            fmt(_percent(m, "roofline_fraction"), ".1f"),
+            fmt(_percent(m, "roofline_fraction_adjacent"), ".1f"),
+            fmt(m.get("cores_busy"), ".2f"), fmt(m.get("other_cores_busy"), ".2f"),
+            fmt(m.get("peak_rss_mib"), ",.0f"))
+
+
 def table(results) -> str:
     rows = [("method", "images/s", "min-max", "x (1)", "GFLOP/s", "% roof", "% adj roof",
              "cores busy", "others busy", "peak MiB")]
     for name, m in results["methods"].items():
         if name == "matmul":
             continue
-        rows.append((LABELS.get(name, name), fmt(m.get("images_per_second"), ",.1f"),
-                     f"{fmt(m.get('images_per_second_min'), ',.1f')}-"
-                     f"{fmt(m.get('images_per_second_max'), ',.1f')}",
-                     fmt(m.get("ratio_to_cifar_dist"), ".2f"), fmt(m.get("gflops"), ".1f"),
-                     fmt(100 * m["roofline_fraction"] if "roofline_fraction" in m else None,
-                         ".1f"),
-                     fmt(100 * m["roofline_fraction_adjacent"]
-                         if "roofline_fraction_adjacent" in m else None, ".1f"),
-                     fmt(m.get("cores_busy"), ".2f"), fmt(m.get("other_cores_busy"), ".2f"),
-                     fmt(m.get("peak_rss_mib"), ",.0f")))
+        rows.append(_method_row(LABELS.get(name, name), m))
     mm = results["methods"].get("matmul")
     if mm:
         roof = results["roofline"]
@@ -1126,17 +1133,7 @@ def table(results) -> str:
                      fmt(mm.get("peak_rss_mib"), ",.0f")))
     mw = results.get("multiworker")
     if mw and "summary" in mw:
-        w0 = mw["workers"][0]
-        rows.append((LABELS["multiworker"], fmt(w0["images_per_second"], ",.1f"),
-                     f"{fmt(w0['images_per_second_min'], ',.1f')}-"
-                     f"{fmt(w0['images_per_second_max'], ',.1f')}",
-                     fmt(w0.get("ratio_to_cifar_dist"), ".2f"), fmt(w0.get("gflops"), ".1f"),
-                     fmt(100 * w0["roofline_fraction"] if "roofline_fraction" in w0 else None,
-                         ".1f"),
-                     fmt(100 * w0["roofline_fraction_adjacent"]
-                         if "roofline_fraction_adjacent" in w0 else None, ".1f"),
-                     fmt(w0.get("cores_busy"), ".2f"), fmt(w0.get("other_cores_busy"), ".2f"),
-                     fmt(w0.get("peak_rss_mib"), ",.0f")))
+        rows.append(_method_row(LABELS["multiworker"], mw["workers"][0]))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
