@@ -36,6 +36,9 @@ from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads 
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                              "seed_model.keras")
+# What the shipped model scores and how it was trained (tools/ship_model.py writes it,
+# tests/test_shipped_model.py checks the model against it).
+SHIPPED_RECORD = os.path.splitext(SHIPPED_MODEL)[0] + ".json"
 CHUNK = 2048  # files decoded and classified per round: bounds memory for huge folders
 MAX_RESIZE_NOTES = 20  # then one summary line, not thousands of notes
 

@@ -15,11 +15,9 @@ from PIL import Image
 from cifar_dist import data, export, predict
 from conftest import DATA_DIR, REPO, error_lines, requires_data, run_module, run_script
 
-RECORD = os.path.join(os.path.dirname(predict.SHIPPED_MODEL), "seed_model.json")
-
 
 def load_record() -> dict:
-    with open(RECORD) as f:
+    with open(predict.SHIPPED_RECORD) as f:
         return json.load(f)
 
 

@@ -25,9 +25,7 @@ sys.path.insert(0, REPO)
 
 from cifar_dist import data, evaluate, export  # noqa: E402
 from cifar_dist.errors import UserError  # noqa: E402
-from cifar_dist.predict import SHIPPED_MODEL  # noqa: E402
-
-RECORD = os.path.join(os.path.dirname(SHIPPED_MODEL), "seed_model.json")
+from cifar_dist.predict import SHIPPED_MODEL, SHIPPED_RECORD  # noqa: E402
 
 
 def sha256(path: str) -> str:
@@ -107,7 +105,7 @@ def install(model_file: str, names_file: str, record: dict) -> None:
             raise UserError(f"{model_file} changed while it was being scored; run again")
         for target, path in staged.items():
             os.replace(path, target)
-        os.replace(record_path, RECORD)  # the record last: it vouches for the files above
+        os.replace(record_path, SHIPPED_RECORD)  # the record last: it vouches for the files above
 
 
 def main() -> int:
