@@ -27,6 +27,9 @@ from cifar_dist import data, evaluate, export  # noqa: E402
 from cifar_dist.errors import UserError  # noqa: E402
 from cifar_dist.predict import SHIPPED_MODEL, SHIPPED_RECORD  # noqa: E402
 
+# What the record copies from the run's metrics.json (a finished run always has them).
+RUN_FIGURES = ("epochs", "pflops_per_run", "images_per_second", "train_seconds", "wall_seconds")
+
 
 def sha256(path: str) -> str:
     digest = hashlib.sha256()
@@ -58,6 +61,10 @@ def build_record(args) -> tuple[str, str, dict]:
             raise UserError(f"{path}: missing; train with --export=true (the default) first")
     config = read_json(os.path.join(args.model_dir, "config.json"))
     run = read_json(os.path.join(args.model_dir, "metrics.json"))  # training's own figures
+    missing = [key for key in RUN_FIGURES if key not in run]
+    if missing:
+        raise UserError(f"{args.model_dir}/metrics.json has no {', '.join(missing)}; "
+                        "is the run finished?")
     if args.test_images < 1:
         raise UserError(f"--test_images must be at least 1, not {args.test_images}")
     found = data.find_local_cifar10(args.data_dir)
@@ -118,10 +125,6 @@ def main() -> int:
     try:
         model_file, names_file, record = build_record(args)
         install(model_file, names_file, record)
-    except KeyError as e:
-        print(f"ship_model: error: {args.model_dir}/metrics.json has no {e}; is the run finished?",
-              file=sys.stderr)
-        return 2
     except UserError as e:
         print(f"ship_model: error: {e}", file=sys.stderr)
         return 2
