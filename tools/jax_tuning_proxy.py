@@ -235,8 +235,6 @@ def train_one(cfg, arrays):
             key, sub = jax.random.split(key)
             idx = jnp.asarray(order[s * batch:(s + 1) * batch])
             state, loss, correct = step(state, train_x, train_y, idx, sub)
-            if os.environ.get("PROXY_DEBUG") and s < 5:
-                print(epoch, s, float(loss), flush=True)
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
         curve.append(round(100 * evaluate(state[0], state[1])[0], 2))
         train_acc = float(correct_sum) / (steps_per_epoch * batch)
@@ -276,7 +274,7 @@ def main():
         export_split(args.export, args.data_dir)
         return
     os.environ.setdefault("KERAS_BACKEND", "jax")   # before anything imports keras
-    lines = list(args.run)                 # --run="" is the seed recipe as it stands
+    lines = list(args.run)                 # --run="" is the starting point
     if args.runs:
         with open(args.runs) as f:
             lines += [ln for ln in (raw.split("#")[0].strip() for raw in f) if ln]
