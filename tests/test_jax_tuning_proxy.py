@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 
 from cifar_dist import augment, data, train
-from conftest import DATA_DIR, REPO, requires_data
+from conftest import DATA_DIR, REPO, requires_data, run_script
 
 spec = importlib.util.spec_from_file_location("jax_tuning_proxy",
                                               REPO / "tools" / "jax_tuning_proxy.py")
@@ -47,8 +47,24 @@ def test_runs_parse_with_the_seed_recipe_as_default():
     assert (run["optimizer"], run["learning_rate"], run["weight_decay"], run["seed"]) == \
         ("adamw", 0.006, 0.2, 3)
     assert run["batch_size"] == 256 and isinstance(run["seed"], int)
-    with pytest.raises(SystemExit, match="unknown key 'lr'"):
+    with pytest.raises(ValueError, match="unknown key 'lr'"):
         proxy.parse_run("lr=0.1")
+    with pytest.raises(ValueError, match="seed='one' .* is not a int"):
+        proxy.parse_run("seed=one")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--run=lr=0.1", "--data=x.npz"], "unknown key 'lr'"),
+    (["--run=seed=0"], "--data is required"),
+    (["--run=seed=0", "--data=/nonexistent/split.npz"], "No such file"),
+])
+def test_bad_input_is_one_error_line_and_exit_2(tmp_path, args, message):
+    out = tmp_path / "results.jsonl"
+    result = run_script(REPO / "tools" / "jax_tuning_proxy.py", *args, f"--out={out}")
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("jax_tuning_proxy: ")]
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists()
 
 
 @requires_data

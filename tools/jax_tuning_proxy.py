@@ -60,12 +60,17 @@ def load_model_module():
 
 
 def parse_run(line):
+    """"key=value,..." -> a full run config; ValueError names what is wrong."""
     cfg = dict(DEFAULTS)
     for item in filter(None, (p.strip() for p in line.split(","))):
-        key, value = item.split("=")
+        key, _, value = item.partition("=")
         if key not in cfg:
-            raise SystemExit(f"unknown key {key!r} in run {line!r}")
-        cfg[key] = type(DEFAULTS[key])(value)
+            raise ValueError(f"unknown key {key!r} in run {line!r} (keys: {', '.join(cfg)})")
+        try:
+            cfg[key] = type(DEFAULTS[key])(value)
+        except ValueError:
+            raise ValueError(f"{key}={value!r} in run {line!r} is not a "
+                             f"{type(DEFAULTS[key]).__name__}") from None
     return cfg
 
 
@@ -274,19 +279,26 @@ def main():
         export_split(args.export, args.data_dir)
         return
     os.environ.setdefault("KERAS_BACKEND", "jax")   # before anything imports keras
-    lines = list(args.run)                 # --run="" is the starting point
-    if args.runs:
-        with open(args.runs) as f:
-            lines += [ln for ln in (raw.split("#")[0].strip() for raw in f) if ln]
-    runs = [parse_run(ln) for ln in lines]
-    with np.load(args.data) as npz:
-        arrays = {k: npz[k] for k in ("train_x", "train_y", "val_x", "val_y")}
+    # Bad input is one error line and exit 2, before any run starts (nothing is appended).
+    try:
+        lines = list(args.run)                 # --run="" is the starting point
+        if args.runs:
+            with open(args.runs) as f:
+                lines += [ln for ln in (raw.split("#")[0].strip() for raw in f) if ln]
+        runs = [parse_run(ln) for ln in lines]
+        if not args.data:
+            raise ValueError("--data is required to train (see --export)")
+        with np.load(args.data) as npz:
+            arrays = {k: npz[k] for k in ("train_x", "train_y", "val_x", "val_y")}
+    except (OSError, ValueError, KeyError) as e:
+        print(f"jax_tuning_proxy: error: {e}", file=sys.stderr)
+        return 2
     for cfg in runs:
         result = train_one(cfg, arrays)
         print(json.dumps(result), flush=True)
         with open(args.out, "a") as f:
             f.write(json.dumps(result) + "\n")
-
+    return 0
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
