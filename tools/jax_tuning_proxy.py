@@ -241,7 +241,8 @@ def train_one(cfg, arrays):
             idx = jnp.asarray(order[s * batch:(s + 1) * batch])
             state, loss, correct = step(state, train_x, train_y, idx, sub)
             loss_sum, correct_sum = loss_sum + loss, correct_sum + correct
-        curve.append(round(100 * evaluate(state[0], state[1])[0], 2))
+        last = evaluate(state[0], state[1])        # (plain, flip TTA) on validation
+        curve.append(round(100 * last[0], 2))
         train_acc = float(correct_sum) / (steps_per_epoch * batch)
     tv, ntv, ov = state
     result = dict(cfg, val_curve=curve, train_accuracy=round(100 * train_acc, 2),
@@ -254,8 +255,8 @@ def train_one(cfg, arrays):
         for var, value in zip(opt.variables, ov):
             var.assign(value)
         opt.finalize_variable_values(model.trainable_variables)
-        tv = [v.value for v in model.trainable_variables]
-    val, val_tta = evaluate(tv, ntv)
+        last = evaluate([v.value for v in model.trainable_variables], ntv)
+    val, val_tta = last
     result.update(val=round(100 * val, 2), val_tta=round(100 * val_tta, 2),
                   seconds=round(time.time() - start, 1))
     return result
