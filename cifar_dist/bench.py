@@ -7,8 +7,9 @@
 
 Same machine, same network (cifar_dist.model.build_model), same global batch, same dtype:
 
-  cifar_dist        (1)  Trainer.train_step: uint8 in, augmentation + forward + loss +
-                         gradients in one XLA function per replica, all-reduce + update outside
+  cifar_dist        (1)  the training call as Trainer.run makes it: --steps_per_window steps
+                         in one tf.function call; on one device each step (gather, augment,
+                         forward, loss, gradients, update) is one XLA program
   cifar_dist_noaug  (1b) the same with --augment=false (cost of on-device augmentation)
   keras_fit         (2)  Keras 3 model.fit, the seed's augmentation as Keras preprocessing
                          layers in a tf.data map (RandomRotation/RandomTranslation/RandomFlip,
@@ -105,6 +106,11 @@ flags.DEFINE_string("gpu_label", "A100, bf16, 30% of its 312 TFLOP/s dense peak"
 flags.DEFINE_list("link_gbits", "25,100,400", "projection: per-GPU ring bandwidths, Gbit/s")
 flags.DEFINE_list("gpu_counts", "2,4,8,16,32,64", "projection: numbers of GPUs")
 flags.DEFINE_list("per_gpu_batches", "256,512", "projection: per-GPU batch sizes")
+# the loop's fixed costs (bench_overhead.py)
+flags.DEFINE_bool("overhead", False, "measure the training loop's per-step overhead (tiny "
+                  "network, 2 images per replica, one device and mirrored on 2 CPUs, SGD and "
+                  "AdamW) and exit")
+flags.DEFINE_string("overhead_case", "", "internal: run one overhead case STRATEGY,OPTIMIZER")
 # internal: a child process running one method
 flags.DEFINE_string("child", "", "internal: run this one method and write --child_output")
 flags.DEFINE_string("child_output", "", "internal")
@@ -242,122 +248,9 @@ def model_counts(model):
 
 # --------------------------------------------------------------------------- compiled-step checks
 
-_HLO_ARRAY = r"(?:pred|[suf]\d+|bf16|f8\w*|c64|c128)\[([0-9,]*)\]"
-_HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*" + _HLO_ARRAY)
-_HLO_OP = re.compile(r"\s(convolution|dot)\(([^)]*)\)(.*)$")
+from cifar_dist.graph_checks import (HOST_CALLBACK_OPS, function_op_types, hlo_flops,  # noqa: E402,F401
+                                     images_dtype, loop_counts, step_hlo, xla_functions)
 
-
-def _dims(text):
-    return [int(d) for d in text.split(",") if d]
-
-
-def hlo_flops(hlo_text: str) -> dict:
-    """FLOPs (2 x multiply-adds) of every convolution and dot in an HLO module's text.
-
-    Method: shapes only, no cost model. For each `convolution(` line: 2 x (elements of the
-    result) x (elements of the window, `window={size=AxB}`) x (size of the lhs dimension
-    labelled `f` in `dim_labels`, the contracted input features) / feature_group_count.
-    The same formula covers the forward, input-gradient and filter-gradient convolutions
-    (for a filter gradient XLA labels the batch as the lhs `f` dimension and the window is
-    the image, so it counts batch x H x W taps per kernel element). Padded taps count, as in
-    the hand count of model.forward_flops_per_image. For each `dot(` line: 2 x (elements of
-    the result) x (product of the lhs contracting dimensions). Operand shapes are read
-    inline (stage='hlo' prints them) or, in optimized HLO (operands by name only), from the
-    instruction that defines the name.
-    """
-    shapes = {}
-    for line in hlo_text.splitlines():
-        m = _HLO_DEF.match(line)
-        if m:
-            shapes[m.group(1)] = _dims(m.group(2))
-    out = {"convolution": 0, "dot": 0, "convolution_ops": 0, "dot_ops": 0}
-    for line in hlo_text.splitlines():
-        d = _HLO_DEF.match(line)
-        m = _HLO_OP.search(line)
-        if not (d and m):
-            continue
-        kind, operands, attrs = m.groups()
-        result = _dims(d.group(2))
-        inline = re.findall(_HLO_ARRAY, operands)
-        if len(inline) >= 2:
-            lhs = _dims(inline[0])
-        else:
-            names = re.findall(r"%?([\w.\-]+)", operands)
-            lhs = shapes[names[0]]
-        if kind == "convolution":
-            window = re.search(r"size=([0-9x]+)", attrs)
-            taps = math.prod(int(v) for v in window.group(1).split("x")) if window else 1
-            labels = re.search(r"dim_labels=(\w+)_", attrs).group(1)
-            groups = re.search(r"feature_group_count=(\d+)", attrs)
-            features = lhs[labels.index("f")] // (int(groups.group(1)) if groups else 1)
-            flops = 2 * math.prod(result) * taps * features
-        else:
-            contract = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
-            flops = 2 * math.prod(result) * math.prod(lhs[i] for i in _dims(contract.group(1)))
-        out[kind] += flops
-        out[kind + "_ops"] += 1
-    out["total"] = out["convolution"] + out["dot"]
-    return out
-
-
-def step_hlo(trainer, stage="hlo") -> str:
-    """HLO text of the per-replica XLA function (uint8 batch -> gradients), one replica's batch."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    per_replica = trainer.cfg.batch_size // trainer.replicas
-    images = tf.zeros([per_replica, 32, 32, 3], tf.uint8)
-    labels = tf.zeros([per_replica], tf.int32)
-    seed = tf.constant([0, 1], tf.int64)
-    return trainer.grads_fn.experimental_get_compiler_ir(images, labels, seed)(stage=stage)
-
-
-def function_op_types(concrete_function) -> dict:
-    """{op type: count} over a concrete function's graph and every function it calls."""
-    graph_def = concrete_function.graph.as_graph_def()
-    counts = {}
-    for node in graph_def.node:
-        counts[node.op] = counts.get(node.op, 0) + 1
-    for fn in graph_def.library.function:
-        for node in fn.node_def:
-            counts[node.op] = counts.get(node.op, 0) + 1
-    return counts
-
-
-def xla_functions(concrete_function) -> list:
-    """Names of the library functions marked for XLA compilation (_XlaMustCompile)."""
-    graph_def = concrete_function.graph.as_graph_def()
-    return [fn.signature.name for fn in graph_def.library.function
-            if fn.attr.get("_XlaMustCompile") is not None and fn.attr["_XlaMustCompile"].b]
-
-
-def step_graph_counts(trainer) -> dict:
-    """How many graph nodes of the step run outside the XLA function (each is one op dispatch,
-    a kernel launch on a GPU): the optimizer update, finiteness checks, stats, iterator."""
-    import tensorflow as tf  # noqa: PLC0415
-
-    step = trainer.train_step.get_concrete_function(trainer.train_iterator(0),
-                                                    tf.constant(0, tf.int32))
-    graph_def = step.graph.as_graph_def()
-    xla = set(xla_functions(step))
-    outside = {}
-    nodes = list(graph_def.node)
-    for fn in graph_def.library.function:
-        if fn.signature.name not in xla:
-            nodes += list(fn.node_def)
-    for node in nodes:
-        outside[node.op] = outside.get(node.op, 0) + 1
-    inside = sum(len(fn.node_def) for fn in graph_def.library.function
-                 if fn.signature.name in xla)
-    compute = {k: v for k, v in outside.items() if k not in (
-        "Const", "NoOp", "Identity", "IdentityN", "_Arg", "_Retval", "StatefulPartitionedCall",
-        "PartitionedCall")}
-    return {"graph_nodes_outside_xla": sum(outside.values()),
-            "graph_ops_outside_xla_excluding_const_identity": sum(compute.values()),
-            "graph_nodes_inside_xla": inside,
-            "graph_ops_outside_xla_by_type": dict(sorted(outside.items(), key=lambda kv: -kv[1]))}
-
-
-HOST_CALLBACK_OPS = ("PyFunc", "PyFuncStateless", "EagerPyFunc", "NumpyFunction")
 
 
 # --------------------------------------------------------------------------- (5) matmul
@@ -446,19 +339,19 @@ def build_trainer(cfg):
 
 
 def time_trainer(trainer):
-    """Times Trainer.train_step exactly as Trainer.run calls it, minus logging/checkpoints."""
+    """Times the compiled training call exactly as Trainer.run makes it (one window = one
+    call of --steps_per_window steps, then its one host read), minus logging/checkpoints."""
     import numpy as np  # noqa: PLC0415
-    import tensorflow as tf  # noqa: PLC0415
 
-    iterator = trainer.train_iterator(0)
-    no_stop = tf.constant(0, tf.int32)
-    last = {}
+    iterator = None if trainer.data_on_device else trainer.train_iterator(0)
+    last = {"step": 0}
 
     def window():
-        totals = None
-        for _ in range(FLAGS.steps_per_window):
-            totals = trainer.train_step(iterator, no_stop)
+        step = last["step"]
+        totals = trainer.steps.run(trainer._inputs(step, iterator), FLAGS.steps_per_window,
+                                   stop=False)
         last["totals"] = totals.numpy()  # waits for the window's last step (and so all)
+        last["step"] = step + FLAGS.steps_per_window
 
     t0 = time.perf_counter()
     for _ in range(FLAGS.warmup_windows):
@@ -474,36 +367,32 @@ def time_trainer(trainer):
     out["adjacent_matmul_gflops"] = [before, after]
     out["last_step_loss"] = float(totals[0] / max(totals[2], 1))
     out["finite"] = bool(np.isfinite(totals[0]))
-    out["input_dtype"] = images_dtype(iterator.element_spec)
+    out["input_dtype"] = ("uint8 (on the device)" if trainer.data_on_device
+                          else images_dtype(iterator.element_spec))
     return out
 
 
-def images_dtype(element_spec) -> str:
-    """dtype of the images of a (distributed) iterator's element_spec (PerReplicaSpec aware)."""
-    spec = element_spec[0]
-    for inner in getattr(spec, "_value_specs", ())[:1]:  # PerReplicaSpec: one spec per replica
-        spec = inner
-    return spec.dtype.name
-
-
 def time_grads_only(trainer):
-    """The per-replica XLA function alone (uint8 batch -> gradients) on a fixed batch: the
-    step minus this is the time outside XLA (all-reduce + optimizer update, finiteness
-    checks, stats, iterator, dispatch)."""
+    """One replica's XLA function alone, called directly step by step on a fixed batch: the
+    loop's time minus this is the time outside XLA (the while loop, the all-reduce and, with
+    many replicas, the separate update)."""
     import tensorflow as tf  # noqa: PLC0415
 
+    steps = trainer.steps
     per_replica = trainer.cfg.batch_size // trainer.replicas
+    fn = steps.fused_step if trainer.replicas == 1 else steps.grads_step
     with tf.device(trainer.strategy.extended.worker_devices[0]):
-        images = tf.constant(trainer.bundle.train.images[:per_replica])
-        labels = tf.constant(trainer.bundle.train.labels[:per_replica], tf.int32)
-        counter = [0]
+        if steps.device_data is not None:
+            inputs = trainer._inputs(0, None)
+        else:
+            inputs = (tf.constant(trainer.bundle.train.images[:per_replica]),
+                      tf.constant(trainer.bundle.train.labels[:per_replica], tf.int32))
+        replica, stop = tf.constant(0), tf.constant(0)
 
         def window():
-            out = None
             for _ in range(FLAGS.steps_per_window):
-                counter[0] += 1
-                out = trainer.grads_fn(images, labels, tf.constant([0, counter[0]], tf.int64))
-            float(out[1].numpy())
+                fn(inputs, replica, stop)
+            float(trainer.global_step.numpy() if trainer.replicas == 1 else 0)
 
         secs = timed_windows(window, 1, max(2, min(FLAGS.windows, 3)))
     return {"seconds_per_step": quantile(secs, 0.5) / FLAGS.steps_per_window,
@@ -550,7 +439,7 @@ def run_cifar_dist(augment: bool):
         out["hlo_train_flops_per_image"] = counted["total"] / (cfg.batch_size // trainer.replicas)
     except Exception as e:  # noqa: BLE001 - a failed cross-check must not stop the benchmark
         out["hlo_error"] = f"{type(e).__name__}: {e}"[:300]
-    out.update(step_graph_counts(trainer))
+    out.update(loop_counts(trainer))
     out["replicas"] = trainer.replicas
     out["device"] = trainer.strategy.extended.worker_devices[0]
     out["jit_compile"] = cfg.jit_compile
@@ -632,17 +521,14 @@ def run_profile():
                            "TensorFlow starts (run it isolated)")
     cfg = make_config()
     trainer, _ = build_trainer(cfg)
-    iterator = trainer.train_iterator(0)
-    no_stop = tf.constant(0, tf.int32)
+    iterator = None if trainer.data_on_device else trainer.train_iterator(0)
     steps = FLAGS.steps_per_window
-    for _ in range(FLAGS.warmup_windows * steps + 1):
-        trainer.train_step(iterator, no_stop).numpy()
+    warm = FLAGS.warmup_windows * steps + 1
+    trainer.steps.run(trainer._inputs(0, iterator), warm, stop=False).numpy()
     logdir = tempfile.mkdtemp(prefix="cifar_dist_profile_")
     tf.profiler.experimental.start(logdir)
     t0, cpu0, sys0 = time.perf_counter(), cpu_seconds(), system_cpu_seconds()
-    for _ in range(steps):
-        totals = trainer.train_step(iterator, no_stop)
-    totals.numpy()
+    trainer.steps.run(trainer._inputs(warm, iterator), steps, stop=False).numpy()
     wall = time.perf_counter() - t0
     record_load(cpu0, sys0, wall)
     tf.profiler.experimental.stop()
@@ -1156,7 +1042,7 @@ def table(results) -> str:
                    f"{c1['outside_xla_seconds_per_step']:.3f} s "
                    f"({100 * c1['outside_xla_seconds_per_step'] / c1['step_seconds_median']:.1f}% "
                    f"of the {c1['step_seconds_median']:.3f} s step; "
-                   f"{c1['graph_ops_outside_xla_excluding_const_identity']} ops outside XLA)")
+                   f"{c1['ops_outside_xla_per_replica_per_step']:g} ops outside XLA per replica per step)")
     prof = results.get("profile")
     if prof:
         shares = sorted(prof["by_category_share"].items(), key=lambda kv: -kv[1])
@@ -1251,6 +1137,22 @@ def run_projection():
             json.dump(p, f, indent=2, sort_keys=True)
 
 
+def run_overhead():
+    from cifar_dist import bench_overhead  # noqa: PLC0415
+
+    if FLAGS.overhead_case:  # a child: one case, in this fresh process
+        result = bench_overhead.run_case(*FLAGS.overhead_case.split(","), FLAGS.windows)
+        with open(FLAGS.child_output, "w") as f:
+            json.dump(result, f)
+        return
+    results = bench_overhead.run_all(FLAGS.windows)
+    print(bench_overhead.table(results))
+    if FLAGS.output:
+        with open(FLAGS.output + ".tmp", "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+        os.replace(FLAGS.output + ".tmp", FLAGS.output)
+
+
 def apply_tiny_defaults():
     if not FLAGS.tiny:
         return
@@ -1270,6 +1172,9 @@ def main(argv):
         return
     if FLAGS.projection:
         run_projection()
+        return
+    if FLAGS.overhead:
+        run_overhead()
         return
     # SIGTERM -> SystemExit, so that `finally` blocks stop the child processes
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))

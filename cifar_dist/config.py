@@ -23,6 +23,7 @@ SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALING = ("none", "linear", "sqrt")
 CLUSTERS = ("auto", "tf_config", "slurm")
 ALL_REDUCE = ("auto", "ring", "nccl")
+DATA_ON_DEVICE = ("auto", "true", "false")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,8 @@ class Config:
     dtype: str = "float32"
     loss_scale: float = 32768.0
     jit_compile: bool = True
+    steps_per_loop: str = "auto"
+    data_on_device: str = "auto"
     deterministic: bool = False  # TF op determinism; needs jit_compile=False
     # distribution
     strategy: str = "one_device"
@@ -110,6 +113,11 @@ def validate(cfg: Config) -> None:
     _choice("lr_scaling", cfg.lr_scaling, LR_SCALING)
     _choice("cluster", cfg.cluster, CLUSTERS)
     _choice("all_reduce", cfg.all_reduce, ALL_REDUCE)
+    _choice("data_on_device", cfg.data_on_device, DATA_ON_DEVICE)
+    if cfg.steps_per_loop != "auto" and not (cfg.steps_per_loop.isdigit()
+                                             and int(cfg.steps_per_loop) > 0):
+        raise ConfigError(f"--steps_per_loop={cfg.steps_per_loop!r} must be 'auto' or a "
+                          "positive number of steps")
     positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
                 "log_steps": cfg.log_steps, "keep_checkpoints": cfg.keep_checkpoints,
                 "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout,
@@ -186,6 +194,11 @@ def define_flags() -> None:
         "loss_scale": "float16: the initial dynamic loss scale (halved after each overflowing "
                       "step, doubled after 2,000 good ones)",
         "jit_compile": "compile the per-replica step (augmentation, forward, loss, gradients) with XLA",
+        "steps_per_loop": "training steps per tf.function call: a number, or auto (100 on GPUs, "
+                          "10 on CPUs); calls also end at every log line, checkpoint and epoch "
+                          "end, and a stop signal is acted on between calls",
+        "data_on_device": "keep the uint8 training split on each device and gather batches inside "
+                          "the compiled step: auto (when it is at most 1 GiB), true, false (tf.data)",
         "deterministic": "enable TensorFlow op determinism (bitwise-reproducible runs, slower)",
         "strategy": "one_device, mirrored (all local GPUs or --num_cpu_devices), multi_worker, default",
         "num_gpus": "mirrored: number of local GPUs to use (-1 = all)",

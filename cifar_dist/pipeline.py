@@ -24,6 +24,10 @@ import tensorflow as tf
 
 from cifar_dist.errors import ConfigError
 
+# --data_on_device=auto keeps the training split on each device up to this size (CIFAR-10's
+# 50,000 uint8 images are 154 MB).
+DEVICE_DATA_LIMIT_BYTES = 1 << 30
+
 
 def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     steps = num_examples // global_batch
@@ -38,6 +42,56 @@ def epoch_order(seed: int, epoch, num_examples: int, length: int) -> tf.Tensor:
     key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
     return tf.random.experimental.index_shuffle(
         tf.range(length, dtype=tf.int64), seed=key, max_index=num_examples - 1)
+
+
+def replica_batch_ids(order: tf.Tensor, step_in_epoch, replica, global_batch: int,
+                      num_replicas: int) -> tf.Tensor:
+    """The example ids global replica `replica` trains on at `step_in_epoch`: the slice of the
+    epoch's order that train_dataset hands it.
+
+    A gather, not tf.slice: under XLA a slice's start must be a compile-time constant, so a
+    slice would recompile the step for every new start (80 ms a step on this CPU).
+    """
+    per_replica = global_batch // num_replicas
+    start = (tf.cast(step_in_epoch, tf.int32) * global_batch
+             + tf.cast(replica, tf.int32) * per_replica)
+    return tf.gather(order, start + tf.range(per_replica))
+
+
+def fits_on_device(images: np.ndarray, labels: np.ndarray) -> bool:
+    """--data_on_device=auto: the training split is resident on each device when it is small."""
+    return images.nbytes + labels.nbytes <= DEVICE_DATA_LIMIT_BYTES
+
+
+class DeviceData:
+    """The training split resident on every replica's device, and each epoch's order there.
+
+    Replaces train_dataset when the split fits: the compiled step gathers its own batch
+    (replica_batch_ids + tf.gather), in exactly the order train_dataset would deliver, so
+    nothing crosses from the host per step.
+    """
+
+    def __init__(self, strategy, images: np.ndarray, labels: np.ndarray, *, global_batch: int,
+                 seed: int):
+        self.strategy, self.seed, self.global_batch = strategy, seed, global_batch
+        self.num_examples = int(labels.shape[0])
+        self.steps = steps_per_epoch(self.num_examples, global_batch)
+        # One copy per local replica, placed on its device by the strategy (once per run).
+        self.images = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(images))
+        self.labels = strategy.experimental_distribute_values_from_function(
+            lambda ctx: tf.constant(labels, tf.int32))
+        self._epoch, self._order = None, None
+
+    def order(self, epoch: int):
+        """Epoch `epoch`'s order on every replica's device (computed once per epoch)."""
+        if epoch != self._epoch:
+            order = tf.cast(epoch_order(self.seed, epoch, self.num_examples,
+                                        self.steps * self.global_batch), tf.int32)
+            self._order = self.strategy.experimental_distribute_values_from_function(
+                lambda ctx: tf.identity(order))
+            self._epoch = epoch
+        return self._order
 
 
 def train_dataset(images: np.ndarray, labels: np.ndarray, *, global_batch: int, seed: int,

@@ -54,12 +54,14 @@ def test_tiny_bench_measures_every_method(tiny):
     for name in TRAINING:
         assert report["methods"][name]["finite"], name
     for name in ("cifar_dist", "cifar_dist_noaug"):
-        assert report["methods"][name]["input_dtype"] == "uint8"
+        assert report["methods"][name]["input_dtype"].startswith("uint8")
         assert report["methods"][name]["jit_compile"] is True
     assert report["methods"]["pipeline"]["element_dtype"] == "uint8"
     c1 = report["methods"]["cifar_dist"]
-    assert c1["graph_nodes_inside_xla"] > 0 and c1["graph_nodes_outside_xla"] > 0
-    assert "PyFunc" not in c1["graph_ops_outside_xla_by_type"]
+    # one device: the whole step is one XLA launch; a handful of loop ops around it
+    assert c1["xla_functions"] >= 1 and c1["ops_outside_xla_per_step_by_type"]["XlaLaunch"] == 1
+    assert 1 <= c1["ops_outside_xla_per_replica_per_step"] <= 16
+    assert not c1["host_callbacks"]
     assert "multiworker" not in report  # tiny mode leaves the 2-worker part out
 
 

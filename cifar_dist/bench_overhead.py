@@ -1,0 +1,223 @@
+"""The training loop's fixed costs, where compute is negligible: `python -m cifar_dist.bench --overhead`.
+
+For one device and for mirrored on 2 logical CPUs, with SGD and with AdamW (each case in its
+own process, since devices are fixed at start-up):
+
+  loop        seconds per step of the training call as Trainer.run makes it (--steps_per_loop
+              steps per call), tiny network at 2 images per replica
+  stub        the same with the network replaced by a trivial one (global average pool +
+              dense): what is left is the loop's own cost per step
+  tight       (one device) the tightest loop TensorFlow runs for the same network: one
+              jit_compile step holding gather, augmentation, forward, backward and a plain
+              SGD update, called in a tf.range loop, data on the device
+  counts      graph ops outside XLA per replica per step and per call (graph_checks)
+  host reads  per 100 steps: one per call (the call's stats), from the loop's own call
+              schedule (Trainer.loop_end) with log lines every 50 steps
+
+and `main`: `python -m cifar_dist.main` itself (tiny network, batch 2, one device, 2 epochs
+of 200 steps), its last epoch's images/s from history.csv, as a user runs it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+CASES = [("one_device", "sgd"), ("one_device", "adamw"), ("mirrored", "sgd"), ("mirrored", "adamw")]
+PER_REPLICA_BATCH = 2
+STEPS_PER_CALL = 100
+IMAGES = 2000
+
+
+def _config(strategy, optimizer, **overrides):
+    from cifar_dist.config import Config  # noqa: PLC0415
+
+    replicas = 2 if strategy == "mirrored" else 1
+    values = dict(dataset="synthetic", synthetic_train_size=IMAGES, synthetic_test_size=16,
+                  model="tiny", batch_size=PER_REPLICA_BATCH * replicas, train_steps=10 ** 6,
+                  optimizer=optimizer, strategy=strategy,
+                  num_cpu_devices=replicas if strategy == "mirrored" else 0,
+                  steps_per_loop=str(STEPS_PER_CALL), log_steps=50, model_dir="",
+                  enable_tensorboard=False, export=False, skip_eval=True)
+    values.update(overrides)
+    return Config(**values)
+
+
+def _seconds_per_step(call, steps, windows):
+    call()  # tracing and XLA compilation
+    times = []
+    for _ in range(windows):
+        t0 = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - t0) / steps)
+    return sorted(times)[len(times) // 2]
+
+
+def _time_loop(trainer, windows):
+    step = [0]
+
+    def call():
+        per_epoch = trainer.steps_per_epoch
+        if step[0] % per_epoch + STEPS_PER_CALL > per_epoch:  # a call never spans an epoch
+            step[0] = (step[0] // per_epoch + 1) * per_epoch
+        trainer.steps.run(trainer._inputs(step[0], None), STEPS_PER_CALL, stop=False).numpy()
+        step[0] += STEPS_PER_CALL
+
+    return _seconds_per_step(call, STEPS_PER_CALL, windows)
+
+
+def host_reads_per_100_steps(trainer, start=0) -> int:
+    """Calls (one host read each) the loop makes for steps [start, start + 100)."""
+    calls, step = 0, start
+    while step < start + 100:
+        step = trainer.loop_end(step)
+        calls += 1
+    return calls
+
+
+def _stub_model(name, num_classes=10, dtype_policy="float32", sync_batch_norm=False):
+    import keras  # noqa: PLC0415
+
+    inputs = keras.Input((32, 32, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax",
+                                                  dtype="float32")(x), name="stub")
+
+
+def tight_loop_seconds_per_step(windows) -> float:
+    """One XLA step (gather, augmentation, forward, backward, SGD) in a tf.range loop."""
+    import numpy as np  # noqa: PLC0415
+    import tensorflow as tf  # noqa: PLC0415
+    import keras  # noqa: PLC0415
+
+    from cifar_dist import augment  # noqa: PLC0415
+    from cifar_dist.model import build_model  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    images = tf.constant(rng.integers(0, 256, (IMAGES, 32, 32, 3), dtype=np.uint8))
+    labels = tf.constant(rng.integers(0, 10, IMAGES, dtype=np.int32))
+    model = build_model("tiny")
+    variables = model.trainable_variables
+    loss_fn = keras.losses.CategoricalCrossentropy()
+
+    @tf.function(jit_compile=True)
+    def step(i):
+        ids = (i * PER_REPLICA_BATCH + tf.range(PER_REPLICA_BATCH)) % IMAGES
+        x = augment.augment_batch(tf.gather(images, ids), tf.stack([0, tf.cast(i, tf.int64)]))
+        with tf.GradientTape() as tape:
+            loss = loss_fn(tf.one_hot(tf.gather(labels, ids), 10), model(x, training=True))
+        for v, g in zip(variables, tape.gradient(loss, variables)):
+            v.assign_sub(0.01 * g)
+
+    @tf.function
+    def loop(n):
+        for i in tf.range(n):
+            step(i)
+        return tf.convert_to_tensor(variables[0])[0, 0, 0, 0]
+
+    return _seconds_per_step(lambda: loop(tf.constant(STEPS_PER_CALL)).numpy(),
+                             STEPS_PER_CALL, windows)
+
+
+def run_case(strategy, optimizer, windows) -> dict:
+    """One (strategy, optimizer) case, in this (fresh) process."""
+    from cifar_dist import data, distribute, graph_checks, train  # noqa: PLC0415
+
+    cfg = _config(strategy, optimizer)
+    made, cluster = distribute.make_strategy(cfg)
+    bundle = data.load(cfg)
+    trainer = train.Trainer(cfg, made, cluster, bundle)
+    out = {"strategy": strategy, "optimizer": optimizer, "replicas": trainer.replicas,
+           "loop_seconds_per_step": _time_loop(trainer, windows),
+           "host_reads_per_100_steps": host_reads_per_100_steps(trainer),
+           **graph_checks.loop_counts(trainer)}
+    real_build = train.build_model
+    train.build_model = _stub_model
+    try:
+        stub = train.Trainer(cfg, made, cluster, bundle)
+        out["stub_seconds_per_step"] = _time_loop(stub, windows)
+    finally:
+        train.build_model = real_build
+    if strategy == "one_device":
+        out["tight_seconds_per_step"] = tight_loop_seconds_per_step(windows)
+    return out
+
+
+def run_main_as_users_do(extra=()) -> dict:
+    """`python -m cifar_dist.main`, tiny network, batch 2: the last epoch's images/s."""
+    with tempfile.TemporaryDirectory(prefix="cifar_dist_overhead_") as tmp:
+        cmd = [sys.executable, "-m", "cifar_dist.main", "--dataset=synthetic",
+               "--synthetic_train_size=400", "--synthetic_test_size=16", "--model=tiny",
+               f"--batch_size={PER_REPLICA_BATCH}", "--train_epochs=2", "--skip_eval",
+               "--export=false", "--enable_tensorboard=false", f"--model_dir={tmp}/run", *extra]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+        if result.returncode != 0:
+            raise RuntimeError(f"cifar_dist.main failed:\n{result.stderr[-3000:]}")
+        with open(os.path.join(tmp, "run", "history.csv")) as f:
+            rows = list(csv.DictReader(f))
+    ips = float(rows[-1]["images_per_second"])
+    return {"command": " ".join(cmd[1:]), "images_per_second": ips,
+            "seconds_per_step": PER_REPLICA_BATCH / ips}
+
+
+def _child_env():
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.pop("TF_CONFIG", None)
+    return env
+
+
+def run_all(windows: int, cases=CASES) -> dict:
+    """Every case in its own process, then cifar_dist.main twice (auto and 100 per call)."""
+    results = {"cases": [], "windows": windows, "per_replica_batch": PER_REPLICA_BATCH,
+               "steps_per_call": STEPS_PER_CALL}
+    with tempfile.TemporaryDirectory(prefix="cifar_dist_overhead_") as tmp:
+        for strategy, optimizer in cases:
+            print(f"[overhead] {strategy} {optimizer} ...", file=sys.stderr, flush=True)
+            out = os.path.join(tmp, "case.json")
+            cmd = [sys.executable, "-m", "cifar_dist.bench", "--overhead",
+                   f"--overhead_case={strategy},{optimizer}", f"--windows={windows}",
+                   f"--child_output={out}"]
+            result = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+            if result.returncode != 0:
+                raise RuntimeError(f"overhead case {strategy},{optimizer} failed:\n"
+                                   f"{result.stderr[-3000:]}")
+            with open(out) as f:
+                results["cases"].append(json.load(f))
+    print("[overhead] cifar_dist.main ...", file=sys.stderr, flush=True)
+    results["main_auto"] = run_main_as_users_do()
+    results["main_100"] = run_main_as_users_do([f"--steps_per_loop={STEPS_PER_CALL}"])
+    return results
+
+
+def table(results) -> str:
+    ms = 1e3
+    rows = ["| strategy | optimizer | loop ms/step | stub ms/step | tight ms/step | loop / tight "
+            "| ops outside XLA per replica per step | per call | host reads per 100 steps |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    tight = next((c["tight_seconds_per_step"] for c in results["cases"]
+                  if "tight_seconds_per_step" in c), None)
+    for c in results["cases"]:
+        t = c.get("tight_seconds_per_step")
+        cells = [f"{c['strategy']} ({c['replicas']})", c["optimizer"],
+                 f"{ms * c['loop_seconds_per_step']:.2f}", f"{ms * c['stub_seconds_per_step']:.2f}",
+                 f"{ms * t:.2f}" if t else "-",
+                 f"{c['loop_seconds_per_step'] / t:.2f}x" if t else "-",
+                 f"{c['ops_outside_xla_per_replica_per_step']:g}",
+                 str(c["ops_outside_xla_per_call"]), str(c["host_reads_per_100_steps"])]
+        rows.append("| " + " | ".join(cells) + " |")
+    lines = ["\n".join(rows)]
+    for key in ("main_auto", "main_100"):
+        m = results.get(key)
+        if m:
+            ratio = f", {m['seconds_per_step'] / tight:.2f}x the tight loop" if tight else ""
+            lines.append(f"python -m {m['command']}: last epoch {m['images_per_second']:.1f} "
+                         f"img/s = {ms * m['seconds_per_step']:.2f} ms per step{ratio}")
+    return "\n".join(lines)

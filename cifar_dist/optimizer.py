@@ -1,0 +1,163 @@
+"""The learning-rate schedule and the optimizer update, written so they compile into the step.
+
+Keras' optimizers cannot run inside an XLA function under tf.distribute in TF 2.21:
+`apply_gradients` all-reduces and updates through `merge_call` (refused inside a nested
+function), and `stateless_apply` raises on the TensorFlow backend (BUILD_NOTES.md, "Why the
+training step looks the way it does"). So the update arithmetic is written out here once,
+as plain TensorFlow on plain variables, and `keras.optimizers` is its tested reference:
+tests/test_optimizer.py runs 20 steps of each against SGD (momentum, Nesterov), Adam and
+AdamW with the same exclusions and LossScaleOptimizer's dynamic scaling.
+
+`Update.apply` is traced inside the compiled step, once per replica, on already all-reduced
+gradients; every variable it writes has no aggregation, so each replica writes its own
+copy and all copies stay equal (they receive equal inputs).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import keras
+import tensorflow as tf
+
+# BatchNorm scales/offsets and biases are not decayed (standard practice). Matched against
+# the variable's name the way keras.optimizers' exclude_from_weight_decay(var_names=...) does.
+NO_DECAY_PATTERN = "gamma|beta|bias"
+ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
+LOSS_SCALE_GROWTH_STEPS = 2000  # keras.optimizers.LossScaleOptimizer's dynamic_growth_steps
+
+
+class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """Linear warmup from 0 to `peak`, then linear decay to 0 (onecycle), cosine, or constant."""
+
+    def __init__(self, peak, total_steps, warmup_steps, kind="onecycle"):
+        self.peak, self.total, self.warmup, self.kind = peak, total_steps, warmup_steps, kind
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        warm = tf.cast(max(self.warmup, 1), tf.float32)
+        rest = tf.cast(max(self.total - self.warmup, 1), tf.float32)
+        progress = tf.clip_by_value((step - self.warmup) / rest, 0.0, 1.0)
+        if self.kind == "onecycle":
+            after = self.peak * (1.0 - progress)
+        elif self.kind == "cosine":
+            after = self.peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
+        else:
+            after = tf.constant(self.peak, tf.float32)
+        if self.warmup == 0:
+            return after
+        return tf.where(step < self.warmup, self.peak * (step + 1.0) / warm, after)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total,
+                "warmup_steps": self.warmup, "kind": self.kind}
+
+
+def peak_learning_rate(cfg) -> float:
+    """--learning_rate is tuned at --base_batch_size; --lr_scaling says how it grows with batch."""
+    ratio = cfg.batch_size / cfg.base_batch_size
+    return cfg.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
+
+
+def make_schedule(cfg, total_steps: int) -> WarmupSchedule:
+    return WarmupSchedule(peak_learning_rate(cfg), total_steps,
+                          int(round(cfg.warmup_fraction * total_steps)), cfg.schedule)
+
+
+def _slot(variable, what: str) -> tf.Variable:
+    return tf.Variable(tf.zeros(variable.shape, variable.dtype), trainable=False,
+                       name=f"{variable.name}_{what}")
+
+
+class Update(tf.Module):
+    """Optimizer state (checkpointed) and the update that SGD / Adam / AdamW would apply.
+
+    Create it inside the strategy's scope, like the model: its variables are then mirrored.
+    """
+
+    def __init__(self, optimizer: str, schedule, variables, *, weight_decay: float = 0.0,
+                 momentum: float = 0.9, nesterov: bool = True, loss_scale: float | None = None):
+        super().__init__(name="update")
+        self.kind, self.schedule = optimizer, schedule
+        self.momentum, self.nesterov = float(momentum), bool(nesterov)
+        # Keras: SGD/Adam take weight_decay=None for 0 (no decay); AdamW always decays.
+        self.weight_decay = float(weight_decay) if (weight_decay or optimizer == "adamw") else None
+        self.decayed = [re.search(NO_DECAY_PATTERN, v.name) is None for v in variables]
+        # Steps applied (skipped float16 steps excluded): what the schedule reads, as Keras'.
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+        self.momentums, self.velocities = [], []
+        if optimizer in ("adam", "adamw"):
+            self.momentums = [_slot(v, "momentum") for v in variables]
+            self.velocities = [_slot(v, "velocity") for v in variables]
+        elif self.momentum != 0:
+            self.momentums = [_slot(v, "momentum") for v in variables]
+        self.loss_scaling = loss_scale is not None
+        if self.loss_scaling:
+            self.dynamic_scale = tf.Variable(float(loss_scale), dtype=tf.float32,
+                                             trainable=False, name="dynamic_scale")
+            self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
+
+    def learning_rate(self) -> tf.Tensor:
+        return tf.cast(self.schedule(self.iterations), tf.float32)
+
+    def scale_loss(self, loss):
+        return loss * tf.cast(self.dynamic_scale, loss.dtype) if self.loss_scaling else loss
+
+    def apply(self, grads, variables, finite=None) -> tf.Tensor:
+        """Applies (all-reduced, possibly loss-scaled) gradients; returns the learning rate used.
+
+        `finite`: with loss scaling, whether every replica's gradients were finite (agreed
+        across replicas and workers): if not, nothing changes but the scale, which halves.
+        """
+        lr = self.learning_rate()  # once per step: weight decay and update share it
+        if not self.loss_scaling:
+            self._apply(grads, variables, lr, keep=None)
+            self.iterations.assign_add(1)
+            return lr
+        scale = self.dynamic_scale
+        grads = [g / scale for g in grads]
+        self._apply(grads, variables, lr, keep=tf.logical_not(finite))
+        grow = tf.logical_and(finite, tf.equal(self.good_steps, LOSS_SCALE_GROWTH_STEPS - 1))
+        self.dynamic_scale.assign(tf.where(finite, tf.where(grow, scale * 2.0, scale), scale * 0.5))
+        self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, 0))
+        self.iterations.assign_add(tf.cast(finite, tf.int64))
+        return lr
+
+    def _apply(self, grads, variables, lr, keep):
+        def assign(var, value):
+            # A skipped step writes the old value back: a select, no branch in the compiled step.
+            var.assign(value if keep is None else tf.where(keep, tf.convert_to_tensor(var), value))
+
+        local_step = tf.cast(self.iterations + 1, tf.float32)
+        for i, (g, var) in enumerate(zip(grads, variables)):
+            g = tf.cast(g, var.dtype)
+            lr_v = tf.cast(lr, var.dtype)
+            value = tf.convert_to_tensor(var)
+            if self.weight_decay is not None and self.decayed[i]:
+                value = value - value * tf.cast(self.weight_decay, var.dtype) * lr_v
+            if self.kind in ("adam", "adamw"):
+                m, v = self.momentums[i], self.velocities[i]
+                b1_power = tf.pow(tf.constant(ADAM_BETA_1, var.dtype), local_step)
+                b2_power = tf.pow(tf.constant(ADAM_BETA_2, var.dtype), local_step)
+                alpha = lr_v * tf.sqrt(1 - b2_power) / (1 - b1_power)
+                new_m = m + (g - m) * (1 - ADAM_BETA_1)
+                new_v = v + (tf.square(g) - v) * (1 - ADAM_BETA_2)
+                assign(m, new_m)
+                assign(v, new_v)
+                value = value - (new_m * alpha) / (tf.sqrt(new_v) + ADAM_EPSILON)
+            elif self.momentums:
+                m = self.momentums[i]
+                mom = tf.constant(self.momentum, var.dtype)
+                new_m = m * mom - g * lr_v
+                assign(m, new_m)
+                value = value + (new_m * mom - g * lr_v if self.nesterov else new_m)
+            else:
+                value = value - g * lr_v
+            assign(var, value)
+
+
+def make_update(cfg, total_steps: int, variables) -> Update:
+    return Update(cfg.optimizer, make_schedule(cfg, total_steps), variables,
+                  weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                  loss_scale=cfg.loss_scale if cfg.dtype == "float16" else None)

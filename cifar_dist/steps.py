@@ -1,0 +1,221 @@
+"""What training computes, compiled: the step on each replica, and the one call that runs many.
+
+    train_loop(inputs, num_steps, stop)           one tf.function call = num_steps steps
+      window := 0
+      for _ in tf.range(num_steps):               a TF while loop (an XLA while loop was 3.5x
+                                                  slower on CPU, so the loop stays in TF)
+        strategy.run(replica_step)
+          one replica     fused_step   [XLA]  gather the batch, uint8 -> float, augment,
+                                              forward, loss (scaled), gradients, one fused
+                                              non-finite flag, the update, the stats
+          many replicas   grads_step   [XLA]  the same up to the flag, packed into one vector
+                          ctx.all_reduce(SUM, packed)   one collective: gradients + flags
+                          apply_step   [XLA]  unpack; learning rate (once), weight decay, optimizer,
+                                              loss scale (skip agreed: the flag was summed
+                                              over every replica and worker), the stats
+      return window                               the call's stats, on replica 0's device
+
+The host reads the returned window once per call (`STATS` names its entries). Nothing else
+crosses between host and device inside a call: with --data_on_device the batch is gathered
+from device-resident data inside the compiled step (pipeline.DeviceData), else it comes
+from the tf.data iterator.
+
+Why the all-reduce is not inside XLA: TF 2.21 cannot compile a cross-device collective into
+a nested XLA function (BUILD_NOTES.md); with one replica there is none, and the whole step
+is one XLA program.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from cifar_dist import augment as augment_lib
+from cifar_dist import pipeline
+
+# The per-call stats vector. The first REDUCED entries come from each replica's step and are
+# summed over replicas (they travel in the gradients' all-reduce); the first SUMMED entries
+# are summed over the steps of a call; the rest are the values after the call's last step.
+STATS = ("loss_sum", "correct", "count", "nonfinite", "stop", "skipped",
+         "learning_rate", "skipped_total")
+REDUCED, SUMMED = 5, 6
+LOSS_SUM, CORRECT, COUNT, NONFINITE, STOP, SKIPPED, LEARNING_RATE, SKIPPED_TOTAL = range(len(STATS))
+
+
+def stats_dict(vector) -> dict:
+    return dict(zip(STATS, (float(x) for x in vector)))
+
+
+class TrainSteps:
+    """Builds the compiled functions of one run (model, update and counters already exist)."""
+
+    def __init__(self, cfg, strategy, model, update, *, num_classes: int, steps_per_epoch: int,
+                 global_step, skipped_steps, window, device_data=None):
+        self.cfg, self.strategy, self.model, self.update = cfg, strategy, model, update
+        self.num_classes, self.steps_per_epoch = num_classes, steps_per_epoch
+        self.global_step, self.skipped_steps, self.window = global_step, skipped_steps, window
+        self.device_data = device_data
+        self.replicas = strategy.num_replicas_in_sync
+        self.global_batch = cfg.batch_size
+        self.loss_fn = keras.losses.CategoricalCrossentropy(
+            label_smoothing=cfg.label_smoothing, reduction=None)
+        jit = cfg.jit_compile
+        if self.replicas == 1:
+            self.fused_step = tf.function(self._fused_step, jit_compile=jit)
+        else:
+            if cfg.sync_batch_norm:
+                # Synchronised BatchNorm all-reduces inside the forward pass; TF 2.21 cannot put
+                # a collective inside a nested (XLA) function, so the gradients run uncompiled.
+                logging.warning("--sync_batch_norm with %d replicas: the gradients run without "
+                                "XLA", self.replicas)
+                self.grads_step = self._grads_step
+            else:
+                self.grads_step = tf.function(self._grads_step, jit_compile=jit)
+            self.apply_step = tf.function(self._apply_packed, jit_compile=jit)
+        self.loop_on_device = tf.function(self._loop_on_device)
+        self.loop_on_iterator = tf.function(self._loop_on_iterator)
+
+    # ------------------------------------------------------------------ one replica's step
+
+    def _batch(self, inputs, replica):
+        if self.device_data is None:
+            return inputs
+        images, labels, order = inputs
+        step_in_epoch = self.global_step % self.steps_per_epoch
+        ids = pipeline.replica_batch_ids(order, step_in_epoch, replica, self.global_batch,
+                                         self.replicas)
+        return tf.gather(images, ids), tf.gather(labels, ids)
+
+    def _forward_backward(self, inputs, replica, stop):
+        """Gradients (loss-scaled in float16) and [loss_sum, correct, count, nonfinite, stop]."""
+        images_u8, labels = self._batch(inputs, replica)
+        seed = tf.stack([tf.constant(self.cfg.seed, tf.int64),
+                         self.global_step * 4096 + tf.cast(replica, tf.int64)])
+        x = (augment_lib.augment_batch(images_u8, seed) if self.cfg.augment
+             else augment_lib.to_unit_float(images_u8))
+        with tf.GradientTape() as tape:
+            probs = self.model(x, training=True)
+            per_example = self.loss_fn(tf.one_hot(labels, self.num_classes), probs)
+            loss_sum = tf.reduce_sum(per_example)
+            # Sum / GLOBAL batch: summing gradients over replicas gives the global mean.
+            scaled = self.update.scale_loss(loss_sum / self.global_batch)
+        grads = tape.gradient(scaled, self.model.trainable_variables)
+        correct = tf.reduce_sum(tf.cast(
+            tf.equal(tf.argmax(probs, -1, output_type=tf.int32), labels), tf.float32))
+        finite = tf.logical_and(tf.math.is_finite(loss_sum),
+                                tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+        flags = tf.stack([loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32),
+                          1.0 - tf.cast(finite, tf.float32), tf.cast(stop, tf.float32)])
+        return grads, flags
+
+    def _apply_step(self, grads, totals):
+        """The update from summed gradients and summed flags, then the counters and stats."""
+        finite = tf.equal(totals[NONFINITE], 0.0)
+        loss_scaling = self.update.loss_scaling
+        lr = self.update.apply(grads, self.model.trainable_variables,
+                               finite if loss_scaling else None)
+        skipped = (1.0 - tf.cast(finite, tf.float32)) if loss_scaling else tf.constant(0.0)
+        self.global_step.assign_add(1)
+        self.skipped_steps.assign_add(tf.cast(skipped, tf.int64))
+        summed = self.window[:SUMMED] + tf.concat([totals, [skipped]], 0)
+        self.window.assign(tf.concat(
+            [summed, [lr, tf.cast(self.skipped_steps, tf.float32)]], 0))
+
+    def _grads_step(self, inputs, replica, stop):
+        """Gradients and flags packed into one flat vector: one all-reduce, and no packing ops
+        (reshape, concat, split per tensor) left outside XLA."""
+        grads, flags = self._forward_backward(inputs, replica, stop)
+        return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads] + [flags], 0)
+
+    def _apply_packed(self, packed):
+        variables = self.model.trainable_variables
+        sizes = [v.shape.num_elements() for v in variables] + [REDUCED]
+        parts = tf.split(packed, sizes)
+        grads = [tf.reshape(p, v.shape) for p, v in zip(parts, variables)]
+        self._apply_step(grads, parts[-1])
+
+    def _fused_step(self, inputs, replica, stop):
+        grads, flags = self._forward_backward(inputs, replica, stop)
+        self._apply_step(grads, flags)
+
+    def _replica_step(self, inputs, stop):
+        # A plain Python function: strategy.run traces the XLA functions once per replica,
+        # so each replica reads and writes its own copies of the variables.
+        ctx = tf.distribute.get_replica_context()
+        replica = ctx.replica_id_in_sync_group
+        if self.replicas == 1:
+            self.fused_step(inputs, replica, stop)
+            return
+        packed = self.grads_step(inputs, replica, stop)
+        self.apply_step(ctx.all_reduce(tf.distribute.ReduceOp.SUM, packed))
+
+    # ------------------------------------------------------------------ many steps per call
+
+    def _loop_on_device(self, images, labels, order, num_steps, stop):
+        self.window.assign(tf.zeros([len(STATS)]))
+        for _ in tf.range(num_steps):
+            self.strategy.run(self._replica_step, args=((images, labels, order), stop))
+        return self.window.read_value()
+
+    def _loop_on_iterator(self, iterator, num_steps, stop):
+        self.window.assign(tf.zeros([len(STATS)]))
+        for _ in tf.range(num_steps):
+            images, labels, _ = next(iterator)
+            self.strategy.run(self._replica_step, args=((images, labels), stop))
+        return self.window.read_value()
+
+    def run(self, inputs, num_steps: int, stop: bool):
+        """`num_steps` steps in one call; returns the call's stats vector (a device tensor)."""
+        n, flag = tf.constant(num_steps, tf.int32), tf.constant(int(stop), tf.int32)
+        if self.device_data is not None:
+            return self.loop_on_device(*inputs, n, flag)
+        return self.loop_on_iterator(inputs, n, flag)
+
+
+class EvalSteps:
+    """Loss and accuracy sums of a batch on every replica; BatchNorm statistics averaged."""
+
+    def __init__(self, cfg, strategy, model, num_classes: int):
+        self.strategy, self.model, self.num_classes = strategy, model, num_classes
+        self.compiled_eval = tf.function(self._eval, jit_compile=cfg.jit_compile)
+        self.eval_step = tf.function(self._eval_step)
+        self.weights_finite = tf.function(self._weights_finite)
+        # BatchNorm moving statistics are plain per-replica variables in Keras 3 (no
+        # aggregation), so every replica and worker drifts to its own. Before anything reads
+        # them (evaluation, checkpoint, export) they are averaged over all replicas and the
+        # mean is written back to every copy: checkpoints and workers agree bitwise.
+        self._stats_vars = [getattr(v, "value", v) for v in model.non_trainable_variables]
+        self.sync_moving_stats = (tf.function(self._sync_moving_stats)
+                                  if strategy.num_replicas_in_sync > 1 else (lambda: None))
+
+    def _eval(self, images_u8, labels, weights):
+        probs = self.model(augment_lib.to_unit_float(images_u8), training=False)
+        per_example = keras.losses.categorical_crossentropy(
+            tf.one_hot(labels, self.num_classes), probs)
+        correct = tf.cast(tf.equal(tf.argmax(probs, -1, output_type=tf.int32), labels),
+                          tf.float32)
+        return tf.stack([tf.reduce_sum(per_example * weights),
+                         tf.reduce_sum(correct * weights), tf.reduce_sum(weights)])
+
+    def _eval_step(self, iterator):
+        images, labels, weights = next(iterator)
+        # A plain Python wrapper: strategy.run must trace the XLA function once per replica.
+        per_replica = self.strategy.run(lambda *batch: self.compiled_eval(*batch),
+                                        args=(images, labels, weights))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def _weights_finite(self):
+        return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
+                              for v in self.model.trainable_variables])
+
+    def _sync_moving_stats(self):
+        stats_vars = self._stats_vars
+
+        def mean_of_replicas():
+            ctx = tf.distribute.get_replica_context()
+            return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v) for v in stats_vars])
+
+        means = self.strategy.run(mean_of_replicas)
+        for var, mean in zip(stats_vars, means):
+            self.strategy.extended.update(var, lambda v, m: v.assign(m), args=(mean,), group=False)
