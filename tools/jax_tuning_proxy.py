@@ -75,7 +75,7 @@ def parse_run(line):
 
 
 def make_schedule(peak, total, warmup, kind):
-    """cifar_dist.train.WarmupSchedule, in keras.ops (any backend)."""
+    """cifar_dist.optimizer.WarmupSchedule, in keras.ops (any backend)."""
     import keras
 
     class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
