@@ -15,7 +15,7 @@ from absl import flags
 from cifar_dist.errors import ConfigError
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
-DATASETS = ("cifar10", "folder", "synthetic")
+DATASETS = ("cifar10", "sample", "folder", "synthetic")
 DTYPES = ("float32", "float16", "bfloat16")
 MODELS = ("seed", "tiny")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -134,9 +134,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.dataset in ("cifar10", "folder") and not cfg.data_dir:
-        raise ConfigError(f"--dataset={cfg.dataset} needs --data_dir (e.g. --data_dir=../shared/data)"
-                          " or use --dataset=synthetic")
+    if cfg.dataset == "folder" and not cfg.data_dir:
+        raise ConfigError("--dataset=folder needs --data_dir (e.g. --data_dir=/path/to/photos, "
+                          "one subfolder per class)")
     if cfg.deterministic and cfg.jit_compile:
         raise ConfigError("--deterministic needs --jit_compile=false: XLA in TF 2.21 has no "
                           "deterministic MaxPool gradient (XLA on CPU is already run-to-run "
@@ -154,7 +154,8 @@ def define_flags() -> None:
         return
     d = Config.__dataclass_fields__
     help_text = {
-        "dataset": "cifar10 (local python layout or TFDS), folder (class subfolders of images), synthetic",
+        "dataset": "cifar10 (local python layout or TFDS), sample (2,048 + 512 real CIFAR-10 "
+                   "images shipped in the package), folder (class subfolders of images), synthetic",
         "data_dir": "cifar10: folder with cifar-10-batches-py/, that folder, cifar-10-python.tar.gz, "
                     "or a TFDS data_dir; folder: root with one subfolder per class (train/ and test/ "
                     "subfolders are used as splits when present)",

@@ -5,6 +5,8 @@ Sources:
                    that folder itself, or cifar-10-python.tar.gz (read without extracting)
   cifar10 (TFDS)   a prepared TensorFlow Datasets data_dir, or a download with --download
   folder           class-named subfolders of PNG/JPEG images (see images.py)
+  sample           the real CIFAR-10 subset shipped in the package (assets/cifar10_sample.npz:
+                   the first 2,048 official training and 512 official test images)
   synthetic        random data of the right shapes
 
 Pickled batch files are read with a restricted unpickler that can only rebuild numpy
@@ -19,6 +21,7 @@ import io
 import os
 import pickle
 import tarfile
+import zipfile
 from typing import Optional
 
 import numpy as np
@@ -215,6 +218,27 @@ def load_tfds_cifar10(data_dir: str, download: bool) -> DataBundle:
     return bundle
 
 
+# --------------------------------------------------------------------------- sample
+
+SAMPLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
+                           "cifar10_sample.npz")
+SAMPLE_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def load_sample(path: str = SAMPLE_PATH) -> DataBundle:
+    """The real CIFAR-10 subset shipped in the package (provenance: assets/cifar10_sample.md)."""
+    try:
+        # allow_pickle=False: the file can only hold plain arrays, never code
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in SAMPLE_KEYS}
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path}: the shipped CIFAR-10 sample is missing or damaged "
+                        f"({type(e).__name__}: {e}); reinstall cifar_dist") from None
+    return DataBundle(Split(arrays["train_images"], arrays["train_labels"].astype(np.int32)),
+                      Split(arrays["test_images"], arrays["test_labels"].astype(np.int32)),
+                      CIFAR10_CLASSES, source="cifar10 sample shipped with cifar_dist")
+
+
 # --------------------------------------------------------------------------- synthetic
 
 def load_synthetic(train_size: int, test_size: int, num_classes: int = 10, seed: int = 0):
@@ -266,6 +290,8 @@ def load(cfg) -> DataBundle:
     """The DataBundle a Config asks for, validated."""
     if cfg.dataset == "synthetic":
         bundle = load_synthetic(cfg.synthetic_train_size, cfg.synthetic_test_size, seed=cfg.seed)
+    elif cfg.dataset == "sample":
+        bundle = load_sample()
     elif cfg.dataset == "folder":
         from cifar_dist.images import load_image_folder  # noqa: PLC0415
         bundle = load_image_folder(cfg.data_dir)

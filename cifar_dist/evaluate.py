@@ -85,7 +85,8 @@ def config_from_model_dir(model_dir: str, overrides: dict | None = None):
     if values.get("data_dir"):
         values["data_dir"] = os.path.expanduser(values["data_dir"])
     cfg = config_lib.Config(**values)
-    if cfg.dataset != "synthetic" and not os.path.exists(cfg.data_dir):
+    # an empty cifar10 data_dir means "found automatically" (data.locate_cifar10)
+    if cfg.dataset in ("cifar10", "folder") and cfg.data_dir and not os.path.exists(cfg.data_dir):
         origin = ("--data_dir" if "data_dir" in overrides
                   else f"data_dir {cfg.data_dir!r} from {model_dir}/config.json"
                        + (" (relative to where training ran)" if not os.path.isabs(cfg.data_dir)
