@@ -389,7 +389,8 @@ def _flag_values() -> flags.FlagValues:
     flags.DEFINE_enum("dataset", None, config_lib.DATASETS, "data source", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "data folder (see cifar_dist.main --helpfull)",
                         flag_values=fv)
-    flags.DEFINE_bool("download", None, "let TFDS download CIFAR-10", flag_values=fv)
+    flags.DEFINE_bool("download", None, "cifar10 without --data_dir: download it into the "
+                      "Keras cache when not found (as the training flag)", flag_values=fv)
     for name in ("train_subset", "test_subset", "synthetic_train_size", "synthetic_test_size",
                  "seed"):
         flags.DEFINE_integer(name, None, f"as the training flag --{name}", flag_values=fv)
