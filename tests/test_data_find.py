@@ -256,3 +256,28 @@ def test_offline_from_the_command_line_is_one_line_exit_2(tmp_path):
         assert part in lines[0], (part, lines[0])
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
     assert cache_files(home) == []
+
+
+def test_download_from_the_command_line_then_train_on_two_replicas(tmp_path):
+    """The whole path in a fresh process: nothing found, the download (Keras imports
+    TensorFlow before the strategy exists), then 2 logical CPUs still split."""
+    body = tarball_bytes(64)
+    server = Server(body)
+    home = tmp_path / "home"
+    home.mkdir()
+    env = env_for_subprocess(HOME=home, TFDS_DATA_DIR=tmp_path / "tfds", CIFAR10_URL=server.url,
+                             CIFAR10_MD5=hashlib.md5(body).hexdigest())
+    for name in ("KERAS_HOME", "CIFAR10_DIR", "TF_CONFIG"):
+        env.pop(name, None)
+    try:
+        result = run_module("cifar_dist.main", "--model=tiny", "--batch_size=64",
+                            "--train_steps=2", *TINY_RECIPE, "--strategy=mirrored",
+                            "--num_cpu_devices=2", "--jit_compile=false", "--export=false",
+                            "--enable_tensorboard=false", f"--model_dir={tmp_path / 'run'}",
+                            env=env, timeout=600)
+    finally:
+        server.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert server.requests == 1 and cache_files(home) == [data.TARBALL]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["replicas"] == 2 and metrics["test_examples"] == 64
