@@ -1,7 +1,7 @@
 """Show what the training augmentation does: originals beside augmented versions, one PNG.
 
-    python -m cifar_dist.augment_preview --data_dir=../shared/data --output=FILE.png
-        [--dataset=cifar10|folder|synthetic] [--split=train|test] [--num_images=10]
+    python -m cifar_dist.augment_preview --output=FILE.png [--data_dir=/path/to/cifar10]
+        [--dataset=cifar10|sample|folder|synthetic] [--split=train|test] [--num_images=10]
         [--num_augmentations=6] [--seed=0]
 
 The augmented images come from cifar_dist.augment.augment_batch, the very function the
@@ -74,7 +74,8 @@ def _flag_values() -> flags.FlagValues:
                         flag_values=fv)
     flags.DEFINE_enum("dataset", "cifar10", config_lib.DATASETS, "data source",
                       flag_values=fv)
-    flags.DEFINE_string("data_dir", "", "data folder, as for training", flag_values=fv)
+    flags.DEFINE_string("data_dir", "", "data folder, as for training (cifar10: found "
+                        "automatically when empty)", flag_values=fv)
     flags.DEFINE_enum("split", "train", ("train", "test"), "images from this split",
                       flag_values=fv)
     flags.DEFINE_integer("num_images", 10, "rows: images shown", lower_bound=1, upper_bound=100,

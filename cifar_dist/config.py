@@ -9,13 +9,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 
-from absl import flags
+from absl import flags, logging
 
 from cifar_dist.errors import ConfigError
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
-DATASETS = ("cifar10", "folder", "synthetic")
+DATASETS = ("cifar10", "sample", "folder", "synthetic")
 DTYPES = ("float32", "float16", "bfloat16")
 MODELS = ("seed", "tiny")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -26,12 +27,14 @@ ALL_REDUCE = ("auto", "ring", "nccl")
 DATA_ON_DEVICE = ("auto", "true", "false")
 
 
+# The defaults are configs/seed.cfg's recipe (tests/test_config.py keeps the two equal):
+# `python -m cifar_dist.main` with no flags trains the seed network for 10 epochs.
 @dataclasses.dataclass(frozen=True)
 class Config:
     # data
     dataset: str = "cifar10"
     data_dir: str = ""
-    download: bool = False
+    download: bool = True
     validation_size: int = 0
     train_subset: int = 0
     test_subset: int = 0
@@ -42,15 +45,15 @@ class Config:
     model: str = "seed"
     # optimisation
     batch_size: int = 256
-    train_epochs: int = 1
+    train_epochs: int = 10
     train_steps: int = 0
-    optimizer: str = "sgd"
-    learning_rate: float = 0.1
+    optimizer: str = "adamw"
+    learning_rate: float = 0.006
     momentum: float = 0.9
     nesterov: bool = True
     schedule: str = "onecycle"
     warmup_fraction: float = 0.15
-    weight_decay: float = 5e-4
+    weight_decay: float = 0.2
     label_smoothing: float = 0.1
     lr_scaling: str = "none"
     base_batch_size: int = 256
@@ -71,7 +74,7 @@ class Config:
     collective_timeout: float = 300.0
     sync_batch_norm: bool = False
     # output
-    model_dir: str = ""
+    model_dir: str = ""  # from_flags: runs/<UTC time> when not given
     checkpoint_steps: int = 0
     keep_checkpoints: int = 3
     log_steps: int = 50
@@ -142,9 +145,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.dataset in ("cifar10", "folder") and not cfg.data_dir:
-        raise ConfigError(f"--dataset={cfg.dataset} needs --data_dir (e.g. --data_dir=../shared/data)"
-                          " or use --dataset=synthetic")
+    if cfg.dataset == "folder" and not cfg.data_dir:
+        raise ConfigError("--dataset=folder needs --data_dir (e.g. --data_dir=/path/to/photos, "
+                          "one subfolder per class)")
     if cfg.deterministic and cfg.jit_compile:
         raise ConfigError("--deterministic needs --jit_compile=false: XLA in TF 2.21 has no "
                           "deterministic MaxPool gradient (XLA on CPU is already run-to-run "
@@ -156,17 +159,21 @@ def validate(cfg: Config) -> None:
 
 # --------------------------------------------------------------------------- flags
 
-def define_flags() -> None:
+def define_flags(flag_values=None) -> None:
     """Defines one absl flag per Config field, with the field's default. Idempotent."""
-    if "batch_size" in flags.FLAGS:
+    fv = flags.FLAGS if flag_values is None else flag_values
+    if "batch_size" in fv:
         return
     d = Config.__dataclass_fields__
     help_text = {
-        "dataset": "cifar10 (local python layout or TFDS), folder (class subfolders of images), synthetic",
+        "dataset": "cifar10 (local python layout or TFDS), sample (2,048 + 512 real CIFAR-10 "
+                   "images shipped in the package), folder (class subfolders of images), synthetic",
         "data_dir": "cifar10: folder with cifar-10-batches-py/, that folder, cifar-10-python.tar.gz, "
-                    "or a TFDS data_dir; folder: root with one subfolder per class (train/ and test/ "
+                    "or a TFDS data_dir (empty: found automatically, see README 'Data sources'); "
+                    "folder: root with one subfolder per class (train/ and test/ "
                     "subfolders are used as splits when present)",
-        "download": "let TFDS download CIFAR-10 when no local copy is found (needs internet)",
+        "download": "cifar10 without --data_dir: download the official cifar-10-python.tar.gz "
+                    "into the Keras cache when no copy is found (--download=false forbids it)",
         "validation_size": "hold out this many training images (deterministic) as a validation "
                            "split; evaluation then uses it instead of the test split",
         "train_subset": "use only the first N training images (0 = all): smoke runs and tests",
@@ -207,7 +214,9 @@ def define_flags() -> None:
         "all_reduce": "cross-device all-reduce: auto (NCCL on GPUs, ring otherwise), ring, nccl",
         "collective_timeout": "seconds any collective may wait for a peer before the run fails",
         "sync_batch_norm": "synchronise BatchNorm batch statistics across all replicas",
-        "model_dir": "where checkpoints, logs, metrics.json and the exported model go",
+        "model_dir": "where checkpoints, logs, metrics.json and the exported model go "
+                     "(default: runs/<UTC time> in the current folder; required with "
+                     "--strategy=multi_worker)",
         "checkpoint_steps": "save a checkpoint every N steps (0 = only at epoch ends)",
         "keep_checkpoints": "checkpoints kept in model_dir",
         "log_steps": "log loss, accuracy and images/s every N steps",
@@ -219,20 +228,36 @@ def define_flags() -> None:
         default = field.default
         text = help_text.get(name, name)
         if isinstance(default, bool):
-            flags.DEFINE_bool(name, default, text)
+            flags.DEFINE_bool(name, default, text, flag_values=fv)
         elif isinstance(default, int):
-            flags.DEFINE_integer(name, default, text)
+            flags.DEFINE_integer(name, default, text, flag_values=fv)
         elif isinstance(default, float):
-            flags.DEFINE_float(name, default, text)
+            flags.DEFINE_float(name, default, text, flag_values=fv)
         else:
-            flags.DEFINE_string(name, default, text)
+            flags.DEFINE_string(name, default, text, flag_values=fv)
 
 
 def from_flags(flag_values=None) -> Config:
     fv = flag_values or flags.FLAGS
     values = {name: fv[name].value for name in Config.__dataclass_fields__}
+    if not values["model_dir"]:
+        values["model_dir"] = default_model_dir(values["strategy"])
     # Absolute paths, so config.json still finds them from another working directory.
     for key in ("data_dir", "model_dir"):
         if values[key]:
             values[key] = os.path.abspath(os.path.expanduser(values[key]))
     return Config(**values)
+
+
+def default_model_dir(strategy: str, now: float | None = None) -> str:
+    """runs/<UTC time> under the current folder, for a run without --model_dir."""
+    if strategy == "multi_worker":
+        # Each worker would pick its own time: they must be told one shared folder.
+        raise ConfigError("--strategy=multi_worker needs an explicit --model_dir that every "
+                          "worker shares (e.g. --model_dir=/shared/runs/exp1)")
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S", time.gmtime(now)))
+    path, n = base, 1
+    while os.path.exists(path):  # two runs started in the same second
+        path, n = f"{base}-{n}", n + 1
+    logging.info("no --model_dir given: writing to %s", os.path.abspath(path))
+    return path

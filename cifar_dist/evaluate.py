@@ -85,7 +85,8 @@ def config_from_model_dir(model_dir: str, overrides: dict | None = None):
     if values.get("data_dir"):
         values["data_dir"] = os.path.expanduser(values["data_dir"])
     cfg = config_lib.Config(**values)
-    if cfg.dataset != "synthetic" and not os.path.exists(cfg.data_dir):
+    # an empty cifar10 data_dir means "found automatically" (data.locate_cifar10)
+    if cfg.dataset in ("cifar10", "folder") and cfg.data_dir and not os.path.exists(cfg.data_dir):
         origin = ("--data_dir" if "data_dir" in overrides
                   else f"data_dir {cfg.data_dir!r} from {model_dir}/config.json"
                        + (" (relative to where training ran)" if not os.path.isabs(cfg.data_dir)
@@ -388,7 +389,8 @@ def _flag_values() -> flags.FlagValues:
     flags.DEFINE_enum("dataset", None, config_lib.DATASETS, "data source", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "data folder (see cifar_dist.main --helpfull)",
                         flag_values=fv)
-    flags.DEFINE_bool("download", None, "let TFDS download CIFAR-10", flag_values=fv)
+    flags.DEFINE_bool("download", None, "cifar10 without --data_dir: download it into the "
+                      "Keras cache when not found (as the training flag)", flag_values=fv)
     for name in ("train_subset", "test_subset", "synthetic_train_size", "synthetic_test_size",
                  "seed"):
         flags.DEFINE_integer(name, None, f"as the training flag --{name}", flag_values=fv)

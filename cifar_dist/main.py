@@ -1,7 +1,11 @@
 """Command line: train, evaluate and export.
 
-    python -m cifar_dist.main --flagfile=configs/smoke.cfg --data_dir=../shared/data \
-        --model_dir=/tmp/run [--strategy=mirrored --num_cpu_devices=2]
+    python -m cifar_dist.main                                 # the seed recipe (configs/seed.cfg)
+    python -m cifar_dist.main --flagfile=configs/smoke.cfg \
+        [--model_dir=/tmp/run] [--data_dir=/path/to/cifar10] [--strategy=mirrored --num_cpu_devices=2]
+
+Without --model_dir a run writes to runs/<UTC time>; without --data_dir CIFAR-10 is found
+or downloaded (README, "Data sources").
 
 Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 another worker
 died or stalled (restart the group; it resumes); 4 the loss

@@ -2,7 +2,7 @@
 """Run N MultiWorkerMirroredStrategy workers on this host, one process each.
 
     python launch/local.py --num_workers=2 [--max_restarts=N] [--grace_seconds=S] -- \
-        --flagfile=configs/smoke.cfg --data_dir=../shared/data --model_dir=/tmp/run
+        --flagfile=configs/smoke.cfg --model_dir=/tmp/run
 
 Everything after `--` goes to `python -m cifar_dist.main`, behind `--strategy=multi_worker`
 (so a later --strategy, on the command line or in a flagfile, wins). Each worker gets

@@ -8,8 +8,10 @@
 #   2. pytest -m gpu  (the GPU tests; they skip where no GPU is visible, so step 1 guards)
 #   3. a short training run: configs/smoke.cfg on one GPU (XLA, about a minute),
 #      into $SLURM_SUBMIT_DIR/runs/smoke_gpu_<job id>
-# DATA_DIR defaults to ../shared/data (a folder holding cifar-10-batches-py/); without it
-# the run uses synthetic data. SMOKE_ALLOW_CPU=1 skips step 1 and lets steps 2-3 run on a
+# Without DATA_DIR the run trains on the real CIFAR-10 sample shipped in the package
+# (configs/smoke.cfg: no data, no network); with it, on the first 2,048 training and 512
+# test images of the CIFAR-10 copy there (a folder holding cifar-10-batches-py/, or
+# cifar-10-python.tar.gz). SMOKE_ALLOW_CPU=1 skips step 1 and lets steps 2-3 run on a
 # CPU node (to check this script on the local SLURM of slurm/setup_local_slurm.sh). Site knobs (partition, account, CIFAR_DIST_MODULES,
 # CIFAR_DIST_VENV, PYTHON) as in slurm/train.sh.
 #
@@ -67,12 +69,14 @@ elif [ "$rc" -ne 0 ]; then
 fi
 
 step "3/3 smoke training run on one GPU"
-DATA_DIR=${1:-../shared/data}
-if [ -d "$DATA_DIR" ]; then
-    data_flags=(--data_dir="$DATA_DIR")
+DATA_DIR=${1:-}
+if [ -z "$DATA_DIR" ]; then
+    data_flags=()  # configs/smoke.cfg: --dataset=sample
+    echo "smoke_gpu: no DATA_DIR given: training on the CIFAR-10 sample shipped with cifar_dist"
+elif [ -e "$DATA_DIR" ]; then
+    data_flags=(--dataset=cifar10 --data_dir="$DATA_DIR" --train_subset=2048 --test_subset=512)
 else
-    echo "smoke_gpu: $DATA_DIR not found: training on synthetic data"
-    data_flags=(--dataset=synthetic --synthetic_train_size=2048 --synthetic_test_size=512)
+    die "DATA_DIR $DATA_DIR not found (leave it out to train on the shipped sample)"
 fi
 model_dir="$PWD/runs/smoke_gpu_$SLURM_JOB_ID"
 srun "$PYTHON" -m cifar_dist.main --flagfile=configs/smoke.cfg "${data_flags[@]}" \

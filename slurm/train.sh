@@ -4,9 +4,12 @@
 #   cd /path/to/cifar_dist          # submit from the repository root
 #   sbatch slurm/train.sh --flagfile=configs/smoke.cfg \
 #       --data_dir=/shared/cifar --model_dir=/shared/runs/exp1
+#   sbatch slurm/train.sh            # the seed recipe (the defaults) into runs/slurm-<job id>
 #
 # Flags after the script name go to `python -m cifar_dist.main`, behind
-# `--strategy=multi_worker --cluster=slurm`. sbatch options on the command line override
+# `--strategy=multi_worker --cluster=slurm --model_dir=$SLURM_SUBMIT_DIR/runs/slurm-<job id>`
+# (every task agrees on the job id, and a requeued job keeps it, so it resumes there; a
+# --model_dir of yours, or one in a flagfile, comes later and wins). sbatch options on the command line override
 # the #SBATCH lines below (e.g. `sbatch --nodes=4 slurm/train.sh ...`).
 #
 # Site knobs (edit here, or set in the environment you submit from; sbatch passes it on):
@@ -54,7 +57,7 @@ set -uo pipefail
 STOPPED=75  # cifar_dist.main: stopped by a signal after saving a checkpoint
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
-    echo "slurm/train.sh: error: submit it with sbatch (sbatch slurm/train.sh --model_dir=...)" >&2
+    echo "slurm/train.sh: error: submit it with sbatch (sbatch slurm/train.sh [FLAGS])" >&2
     exit 2
 fi
 cd "${SLURM_SUBMIT_DIR:-.}" || exit 2
@@ -88,7 +91,7 @@ echo "slurm/train.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $
 # is noticed by its peers instead (connection reset, or --collective_timeout), so the step
 # still ends. --label prefixes every output line with the task number.
 srun --kill-on-bad-exit=0 --label "$PYTHON" -m cifar_dist.main \
-    --strategy=multi_worker --cluster=slurm "$@"
+    --strategy=multi_worker --cluster=slurm --model_dir="$PWD/runs/slurm-$SLURM_JOB_ID" "$@"
 rc=$?
 
 if [ "$rc" -eq "$STOPPED" ]; then

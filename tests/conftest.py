@@ -16,14 +16,23 @@ HAVE_DATA = (DATA_DIR / "cifar-10-batches-py" / "data_batch_1").is_file()
 requires_data = pytest.mark.skipif(
     not HAVE_DATA, reason=f"real CIFAR-10 not found at {DATA_DIR} (see README: test data)")
 
-# A tiny, fast training configuration on real data (a few seconds of training).
+# The recipe the tiny test runs were written for (the Config defaults before they became
+# configs/seed.cfg's AdamW recipe): SGD + Nesterov, peak 0.1, weight decay 5e-4, 1 epoch.
+TINY_RECIPE = ["--optimizer=sgd", "--learning_rate=0.1", "--weight_decay=5e-4",
+               "--train_epochs=1"]
+# A tiny, fast training configuration on the full real data (a few seconds of training).
 TINY_REAL = ["--dataset=cifar10", f"--data_dir={DATA_DIR}", "--train_subset=512",
              "--test_subset=128", "--model=tiny", "--batch_size=64", "--log_steps=2",
-             "--enable_tensorboard=false", "--export=false", "--skip_eval"]
+             "--enable_tensorboard=false", "--export=false", "--skip_eval", *TINY_RECIPE]
+# The same on the real CIFAR-10 sample shipped in the package: needs no data and no network.
+TINY_SAMPLE = ["--dataset=sample", "--train_subset=512", "--test_subset=128", "--model=tiny",
+               "--batch_size=64", "--log_steps=2", "--enable_tensorboard=false",
+               "--export=false", "--skip_eval", *TINY_RECIPE]
 # The same on synthetic data, for tests that do not need real images.
 TINY_SYNTHETIC = ["--dataset=synthetic", "--synthetic_train_size=512",
                   "--synthetic_test_size=128", "--model=tiny", "--batch_size=64",
-                  "--log_steps=2", "--enable_tensorboard=false", "--export=false", "--skip_eval"]
+                  "--log_steps=2", "--enable_tensorboard=false", "--export=false", "--skip_eval",
+                  *TINY_RECIPE]
 
 
 def env_for_subprocess(**extra) -> dict:
@@ -55,20 +64,18 @@ def error_lines(stderr: str):
 # Shared by test_evaluate, test_plots, test_export and test_predict (evaluation/export owner).
 
 TRAINED_RUN_FLAGS = ["--model=tiny", "--batch_size=64", "--train_epochs=2", "--log_steps=4",
-                     "--learning_rate=0.05", "--validation_size=200", "--jit_compile=false",
-                     "--seed=0"]
+                     "--optimizer=sgd", "--learning_rate=0.05", "--weight_decay=5e-4",
+                     "--validation_size=200", "--jit_compile=false", "--seed=0"]
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory):
     """A finished tiny run (about 30 s, once per session): config.json, history.csv with
     validation columns, checkpoints/, tensorboard/, metrics.json and export/. Real CIFAR-10
-    when present (512 training, 200 validation, 200 test images), else synthetic data of
-    the same sizes. Read-only for tests: copy it (copy_run) before changing anything."""
+    images from the sample shipped in the package (512 training, 200 validation, 200 test
+    images). Read-only for tests: copy it (copy_run) before changing anything."""
     model_dir = tmp_path_factory.mktemp("trained_run") / "run"
-    data = ([f"--data_dir={DATA_DIR}", "--dataset=cifar10", "--train_subset=512",
-             "--test_subset=200"] if HAVE_DATA else
-            ["--dataset=synthetic", "--synthetic_train_size=712", "--synthetic_test_size=200"])
+    data = ["--dataset=sample", "--train_subset=512", "--test_subset=200"]
     result = run_module("cifar_dist.main", *data, *TRAINED_RUN_FLAGS, f"--model_dir={model_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
     return model_dir

@@ -20,7 +20,7 @@ from conftest import TINY_SYNTHETIC, error_lines, run_module
     (["--batch_size=-8"], "--batch_size must be > 0"),
     (["--batch_size=abc"], "invalid literal for int"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
-    (["--dataset=cifar10", "--data_dir="], "needs --data_dir"),
+    (["--dataset=folder", "--data_dir="], "needs --data_dir"),
     (["--dataset=cifar10", "--data_dir=/nonexistent/cifar"], "no such file or folder"),
     (["--strategy=multi_worker"], "needs a cluster"),
     (["--batch_size=100000"], "larger than the 512 training images"),

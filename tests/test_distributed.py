@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 
 from cifar_dist.preflight import free_ports
-from conftest import DATA_DIR, REPO, env_for_subprocess, error_lines, requires_data, run_module, \
-    run_script
+from conftest import REPO, env_for_subprocess, error_lines, run_module, run_script
 
 PROBE = REPO / "tests" / "helpers" / "dist_probe.py"
-EQUIV = ["--dataset=cifar10", f"--data_dir={DATA_DIR}", "--train_subset=512",
+EQUIV = ["--dataset=sample", "--train_subset=512",
          "--test_subset=128", "--model=tiny", "--batch_size=64", "--train_steps=6",
-         "--learning_rate=0.001", "--augment=false", "--log_steps=2", "--export=false",
+         "--optimizer=sgd", "--learning_rate=0.001", "--weight_decay=5e-4",
+         "--augment=false", "--log_steps=2", "--export=false",
          "--enable_tensorboard=false", "--skip_eval"]
 # Equivalence tolerance, measured: 2e-4 with --sync_batch_norm, 4e-2 without (float32,
 # 6 steps at lr 1e-3; summation order differs between 1 and 2 replicas).
@@ -47,7 +47,6 @@ def check_epoch_ids(step_lists, num_examples, global_batch):
     assert all(0 <= i < num_examples for i in seen)
 
 
-@requires_data
 @pytest.mark.slow
 def test_two_replicas_match_one_device_and_see_each_example_once(tmp_path):
     one_w, one_ids = probe(tmp_path / "one", *EQUIV, "--sync_batch_norm",
@@ -81,7 +80,6 @@ def start_workers(n, argv_for, timeout_env=None):
     return procs
 
 
-@requires_data
 @pytest.mark.multiworker
 @pytest.mark.slow
 def test_two_workers_end_with_bitwise_identical_weights(tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 
 from cifar_dist import augment_preview, plots
 from cifar_dist.data import load_synthetic
-from conftest import DATA_DIR, requires_data, run_module
+from conftest import run_module
 
 NAMES = ["cat", "dog", "ship"]
 
@@ -111,10 +111,9 @@ def test_augmentation_grid_layout(tmp_path):
     np.testing.assert_allclose(fig.axes[2].images[0].get_array(), augmented[0, 1])
 
 
-@requires_data
 def test_augment_preview_command_on_real_data(tmp_path, capsys):
     out = tmp_path / "preview.png"
-    assert augment_preview.main(["augment_preview", f"--data_dir={DATA_DIR}", f"--output={out}",
+    assert augment_preview.main(["augment_preview", "--dataset=sample", f"--output={out}",
                                  "--num_images=4", "--num_augmentations=3"]) == 0
     assert f"wrote {out}" in capsys.readouterr().out
     width, height = png_size(out)
@@ -124,7 +123,7 @@ def test_augment_preview_command_on_real_data(tmp_path, capsys):
 def test_augment_preview_bad_input_exits_2(tmp_path):
     assert callable(augment_preview.run)  # setup.cfg: cifar-dist-augment-preview
     cases = [([], "--output=FILE.png is required"),
-             ([f"--output={tmp_path / 'a.png'}"], "needs --data_dir"),
+             ([f"--output={tmp_path / 'a.png'}", "--dataset=folder"], "needs --data_dir"),
              ([f"--output={tmp_path / 'a.png'}", f"--data_dir={tmp_path / 'nope'}"],
               "no such file or folder"),
              ([f"--output={tmp_path / 'x' / 'a.png'}", "--dataset=synthetic"], "not a writable"),

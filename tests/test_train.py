@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, TINY_REAL, TINY_SYNTHETIC, env_for_subprocess, error_lines, \
-    requires_data, run_module
+from conftest import REPO, TINY_SAMPLE, TINY_SYNTHETIC, env_for_subprocess, error_lines, \
+    run_module
 
 
 def checkpoint_tensors(model_dir):
@@ -26,11 +26,9 @@ def checkpoint_tensors(model_dir):
                   if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
 
 
-@requires_data
 @pytest.mark.slow
 def test_smoke_config_trains_and_writes_metrics(tmp_path):
     result = run_module("cifar_dist.main", "--flagfile=configs/smoke.cfg",
-                        f"--data_dir={REPO.parent / 'shared' / 'data'}",
                         f"--model_dir={tmp_path / 'run'}", "--enable_tensorboard=true")
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -47,11 +45,10 @@ def test_smoke_config_trains_and_writes_metrics(tmp_path):
     assert "test_accuracy=" in result.stdout
 
 
-@requires_data
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_every_dtype_learns_without_nan(tmp_path, dtype):
-    result = run_module("cifar_dist.main", *TINY_REAL, f"--dtype={dtype}", "--train_steps=24",
+    result = run_module("cifar_dist.main", *TINY_SAMPLE, f"--dtype={dtype}", "--train_steps=24",
                         "--learning_rate=0.05", "--log_steps=4", f"--model_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [float(line.split(" loss ")[1].split()[0]) for line in result.stderr.splitlines()
