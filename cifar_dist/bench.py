@@ -1,7 +1,7 @@
 """Throughput benchmark: cifar_dist's XLA step against the Keras ways of training the same net.
 
     python -m cifar_dist.bench --flagfile=configs/bench.cfg --data=real \
-        --data_dir=../shared/data --output=/tmp/bench.json          # full run (~13 min, 2 CPUs)
+        --data_dir=/path/to/cifar10 --output=/tmp/bench.json          # full run (~13 min, 2 CPUs)
     python -m cifar_dist.bench --tiny --output=/tmp/tiny.json       # plumbing check (tests)
     python -m cifar_dist.bench --projection --model=seed            # GPU scaling on paper
 
@@ -222,6 +222,8 @@ def make_config(**overrides):
         dataset="cifar10" if real else "synthetic", data_dir=FLAGS.data_dir,
         synthetic_train_size=FLAGS.synthetic_size, synthetic_test_size=16,
         test_subset=16 if real else 0, model=FLAGS.model, batch_size=FLAGS.batch_size,
+        # SGD as in the Keras methods (2) and (3), not the seed recipe's AdamW: like with like
+        optimizer="sgd", learning_rate=0.1, weight_decay=5e-4,
         train_steps=steps, dtype=FLAGS.dtype, strategy="one_device", model_dir="",
         enable_tensorboard=False, export=False, skip_eval=True, log_steps=10 ** 9)
     values.update(overrides)
