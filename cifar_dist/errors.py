@@ -39,3 +39,24 @@ class Preempted(Exception):
     """SIGTERM/SIGINT/SIGUSR1 arrived; a checkpoint was saved. Rerun the same command to resume."""
 
     exit_code = 75  # EX_TEMPFAIL: "try again", what requeue-aware schedulers expect.
+
+
+class Interrupted(Exception):
+    """A signal outside the training loop (start-up, compiling, export, evaluation).
+
+    Exit 75 when model_dir holds a checkpoint (rerun to resume or to finish the export),
+    76 when it holds none (nothing was saved; a rerun starts afresh).
+    """
+
+    def __init__(self, signum: int, model_dir: str = ""):
+        import os  # noqa: PLC0415
+        import signal  # noqa: PLC0415
+
+        self.signal_name = signal.Signals(signum).name
+        state = os.path.join(model_dir, "checkpoints", "checkpoint") if model_dir else ""
+        self.resumable = bool(state) and os.path.isfile(state)
+        self.exit_code = 75 if self.resumable else 76
+        super().__init__(
+            f"stopped by {self.signal_name} outside the training loop; " + (
+                f"the checkpoints in {model_dir} are intact: rerun the same command to resume"
+                if self.resumable else "no checkpoint was written: a rerun starts afresh"))

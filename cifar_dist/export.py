@@ -109,12 +109,16 @@ def export_model(model, class_names, export_dir: str) -> str:
     tmp = export_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    module = serving_module(plain, class_names)
-    tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL_DIR),
-                        signatures={"serving_default": module.serve})
-    plain.save(os.path.join(tmp, KERAS_FILE))
-    with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
-        json.dump(list(class_names), f)
+    try:
+        module = serving_module(plain, class_names)
+        tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL_DIR),
+                            signatures={"serving_default": module.serve})
+        plain.save(os.path.join(tmp, KERAS_FILE))
+        with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
+            json.dump(list(class_names), f)
+    except BaseException:  # a signal (signals.Interrupted) or an error: no half export left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(export_dir, ignore_errors=True)
     os.replace(tmp, export_dir)
     logging.info("exported %s", export_dir)

@@ -9,8 +9,9 @@ or downloaded (README, "Data sources").
 
 Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 another worker
 died or stalled (restart the group; it resumes); 4 the loss
-diverged (last good checkpoint kept); 75 stopped by a signal after saving a checkpoint
-(rerun the same command to resume).
+diverged (last good checkpoint kept); 75 stopped by a signal with a checkpoint in model_dir
+(rerun the same command to resume, or to finish the export); 76 stopped by a signal before
+any checkpoint existed (nothing to resume).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 from absl import app, flags, logging  # noqa: E402
 
 from cifar_dist import config as config_lib  # noqa: E402
-from cifar_dist.errors import PeerLost, Preempted, TrainingDiverged, UserError  # noqa: E402
+from cifar_dist.errors import Interrupted, PeerLost, Preempted, TrainingDiverged, \
+    UserError  # noqa: E402
 
 config_lib.define_flags()
 FLAGS = flags.FLAGS
@@ -34,33 +36,50 @@ def train_main(cfg) -> dict:
     from cifar_dist import data, preflight, signals  # noqa: PLC0415
 
     preflight.check_model_dir(cfg.model_dir)
-    with signals.StopRequest() as stop:  # from here on a signal is remembered, not fatal
+    # From here on a signal ends the run within seconds in every phase (signals.py).
+    with signals.StopRequest(cfg.model_dir) as stop:
         bundle = None if data.needs_tensorflow(cfg) else data.load(cfg)
+        stop.check()  # each phase boundary ends the run if a signal came meanwhile
         # The strategy (devices, collectives) must exist before any TensorFlow op runs.
         from cifar_dist import distribute, train  # noqa: PLC0415
 
+        stop.check()
         strategy, cluster = distribute.make_strategy(cfg)
         stop.install()  # MultiWorkerMirroredStrategy replaced our SIGTERM handler
+        stop.check()
         bundle = bundle or data.load(cfg)
+        stop.check()
         logging.info("data: %s; train %d, test %d%s", bundle.source, len(bundle.train),
                      len(bundle.test), f", validation {len(bundle.validation)}"
                      if bundle.validation is not None else "")
         trainer = train.Trainer(cfg, strategy, cluster, bundle)
-        metrics = trainer.run(stop)
-    if cluster.is_chief and cfg.export:
-        export_and_evaluate(cfg, trainer.model, bundle)
+        stop.check()
+        metrics = trainer.run(stop)  # the loop defers signals to its call boundaries
+        if cluster.is_chief and cfg.export:
+            export_and_evaluate(cfg, trainer, bundle, metrics, stop)
     return metrics
 
 
-def export_and_evaluate(cfg, model, bundle) -> None:
-    """The exported model and DIR/eval/ (report, confusion matrix, plots) on the chief."""
-    from cifar_dist import evaluate, export  # noqa: PLC0415
+def export_and_evaluate(cfg, trainer, bundle, metrics, stop) -> None:
+    """The exported model and DIR/eval/ (report, confusion matrix, plots) on the chief.
+    A rerun of a finished run writes only what is missing."""
+    from cifar_dist import evaluate, export, run_dir  # noqa: PLC0415
 
-    export.export_model(model, bundle.class_names, os.path.join(cfg.model_dir, "export"))
+    rerun = trainer.finished_record is not None
+    export_dir = trainer.run_dir.join(run_dir.EXPORT)
+    stop.clean_up_on_exit(export_dir + ".tmp")
+    stop.check()
+    if not (rerun and os.path.isdir(export_dir)):
+        logging.info("exporting into %s", export_dir)
+        export.export_model(trainer.model, bundle.class_names, export_dir)
+    stop.check()
+    if rerun and os.path.isdir(trainer.run_dir.join(run_dir.EVAL)):
+        return
     try:
         evaluate.evaluate_model_dir(cfg.model_dir, bundle)
     except UserError as e:  # training succeeded; a report problem must not turn it into a failure
         logging.warning("evaluation report not written: %s", e)
+    stop.check()
 
 
 def train_with_peer_errors(cfg) -> dict:
@@ -87,7 +106,7 @@ def main(argv):
     try:
         cfg = config_lib.from_flags()
         metrics = train_with_peer_errors(cfg)
-    except (UserError, TrainingDiverged, Preempted, PeerLost) as e:
+    except (UserError, TrainingDiverged, Preempted, PeerLost, Interrupted) as e:
         print(f"cifar_dist: error: {e}" if isinstance(e, UserError) else f"cifar_dist: {e}",
               file=sys.stderr)
         sys.exit(e.exit_code)

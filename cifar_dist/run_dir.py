@@ -82,8 +82,27 @@ class RunDir:
         differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in shaping.items()
                   if k in saved and saved[k] != v]
         if differ:
+            flags = " ".join(f"--{k}={saved[k]}" for k, v in shaping.items()
+                             if k in saved and saved[k] != v and k != "num_classes")
             raise CheckpointError(f"{self.path} holds a run with other settings "
-                                  f"({'; '.join(differ)}): use another --model_dir")
+                                  f"({'; '.join(differ)}): rerun with the run's own settings"
+                                  f"{' (' + flags + ')' if flags else ''} or use another "
+                                  "--model_dir")
+
+    def read_metrics(self) -> dict | None:
+        path = self.join(METRICS)
+        if not os.path.exists(path):
+            return None
+        try:
+            with open(path) as f:
+                metrics = json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it "
+                                  "to have the run's final figures written again") from None
+        if not isinstance(metrics, dict) or "test_accuracy" not in metrics:
+            raise CheckpointError(f"{path} is not a cifar_dist metrics file; delete it to have "
+                                  "the run's final figures written again")
+        return metrics
 
     # ------------------------------------------------------------------ history.csv, metrics.json
 

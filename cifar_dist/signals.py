@@ -1,25 +1,65 @@
-"""SIGTERM / SIGINT / SIGUSR1 (SLURM's pre-emption warning) -> a flag the training loop reads.
+"""SIGTERM / SIGINT / SIGUSR1 (SLURM's pre-emption warning), in every phase of a run.
 
-The loop finishes its step, the workers agree on the stop, a checkpoint is written and
-the process exits 75. main.py installs this before TensorFlow starts, so a signal during
-start-up is remembered, and again after the strategy exists, because
-MultiWorkerMirroredStrategy installs a SIGTERM handler of its own that only records it.
+While the training loop runs (`with stop.deferring():`) a signal is a flag the loop reads
+between calls: the workers agree on the stop, a checkpoint is written, the process exits 75.
+In every other phase (start-up, data loading, cluster forming, building, export,
+evaluation) the run checks the flag at each phase boundary (`stop.check()` raises
+`Interrupted`), and a watchdog thread started by the signal ends the process
+GRACE_SECONDS later if the main thread has not reached a boundary by then (stuck in a
+call that never returns: a cluster that never forms, a read that never ends), removing
+the temporary paths registered with `stop.clean_up_on_exit`. The handler never raises
+itself: an exception thrown into arbitrary library code (an `import tensorflow` half
+done) turns into some other error.
+
+main.py installs this before TensorFlow starts, and again after the strategy exists,
+because MultiWorkerMirroredStrategy installs a SIGTERM handler of its own that only
+records the signal.
+
+Not tf.distribute.experimental.PreemptionCheckpointHandler: it checkpoints and exits on
+its own terms (its own checkpoint manager, exit code and platform-specific signal
+watching) and knows nothing of the phases outside the loop, while requeue and resume
+here rest on exit 75 and the run directory's one CheckpointManager.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
 import signal
+import threading
 
 from absl import logging
+
+from cifar_dist.errors import Interrupted
+
+GRACE_SECONDS = 10.0
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 class StopRequest:
-    def __init__(self):
+    def __init__(self, model_dir: str = ""):
         self.signal = None
+        self.model_dir = model_dir
+        self._deferring = False
+        self._watchdog = None
+        self._temporary = []
+        self._loop_took_over = False  # from then on the loop, not the watchdog, acts on a signal
         self._previous = {}
         self._depth = 0
+
+    @contextlib.contextmanager
+    def deferring(self):
+        """Inside: a signal only sets `signal`; the training loop acts on it between calls."""
+        self.check()
+        self._deferring = self._loop_took_over = True
+        try:
+            yield self
+        finally:
+            self._deferring = False
+        if self.signal is not None:  # arrived in the loop's last moments: act on it now
+            raise Interrupted(self.signal, self.model_dir)
 
     def install(self) -> "StopRequest":
         """(Re-)installs the handlers; safe to call again after a library replaced one."""
@@ -35,8 +75,35 @@ class StopRequest:
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal = signum
-        logging.warning("received %s: saving a checkpoint and stopping",
-                        signal.Signals(signum).name)
+        if self._deferring:
+            logging.warning("received %s: saving a checkpoint and stopping",
+                            signal.Signals(signum).name)
+            return
+        logging.warning("received %s: stopping", signal.Signals(signum).name)
+        if self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._hard_exit, args=(signum,),
+                                              daemon=True)
+            self._watchdog.start()
+
+    def check(self) -> None:
+        """A phase boundary outside the loop: a signal received so far ends the run here."""
+        if self.signal is not None and not self._deferring:
+            raise Interrupted(self.signal, self.model_dir)
+
+    def clean_up_on_exit(self, *paths) -> None:
+        """Temporary paths the watchdog removes if it has to end the process itself."""
+        self._temporary.extend(paths)
+
+    def _hard_exit(self, signum):
+        """The main thread had GRACE_SECONDS to reach a phase boundary; it is stuck: end here."""
+        threading.Event().wait(GRACE_SECONDS)
+        if self._loop_took_over:  # the loop started meanwhile: it stops at a call boundary
+            return
+        for path in self._temporary:
+            shutil.rmtree(path, ignore_errors=True)
+        e = Interrupted(signum, self.model_dir)
+        os.write(2, f"cifar_dist: {e} (forced after {GRACE_SECONDS:.0f} s)\n".encode())
+        os._exit(e.exit_code)
 
     def __enter__(self):
         self._depth += 1

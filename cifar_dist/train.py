@@ -73,6 +73,17 @@ def call_end(step: int, *, total_steps: int, steps_per_epoch: int, steps_per_loo
     return min(ends)
 
 
+# The settings that shape a run's weights: a resume with any of them changed is refused
+# (run_dir.check_resume), so config.json, history.csv and metrics.json always describe the
+# checkpoints beside them. Not among them: how the run is executed (strategy, devices,
+# steps per call, data path, XLA, logging, checkpoint cadence), which a resume may change.
+SHAPING_FLAGS = ("dataset", "validation_size", "train_subset", "synthetic_train_size",
+                 "augment", "model", "batch_size", "train_epochs", "train_steps", "optimizer",
+                 "learning_rate", "momentum", "nesterov", "schedule", "warmup_fraction",
+                 "weight_decay", "label_smoothing", "lr_scaling", "base_batch_size", "seed",
+                 "dtype", "loss_scale", "sync_batch_norm")
+
+
 class Trainer:
     """Builds model, update, counters and compiled steps under a strategy, and runs the loop."""
 
@@ -112,6 +123,7 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch, global_step=self.global_step,
             skipped_steps=self.skipped_steps, window=window, device_data=self.device_data)
         self.eval_steps = steps_lib.EvalSteps(cfg, strategy, self.model, bundle.num_classes)
+        self.finished_record = None  # a finished run's metrics.json, when rerun unchanged
 
     # ------------------------------------------------------------------ data
 
@@ -158,8 +170,9 @@ class Trainer:
         """Restores the newest loadable checkpoint; returns the step to start from."""
         if not tf.io.gfile.isdir(self.ckpt_dir):
             return 0
-        self.run_dir.check_resume({"model": self.cfg.model, "num_classes": self.bundle.num_classes,
-                                   "dtype": self.cfg.dtype, "optimizer": self.cfg.optimizer})
+        self.run_dir.check_resume(dict(
+            {k: v for k, v in self.cfg.to_dict().items() if k in SHAPING_FLAGS},
+            num_classes=self.bundle.num_classes))
         state = tf.train.get_checkpoint_state(self.ckpt_dir)
         candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
         for path in candidates:
@@ -228,6 +241,15 @@ class Trainer:
     def _run(self) -> dict:
         cfg, chief = self.cfg, self.cluster.is_chief
         start_step = self.restore()
+        self.stop.check()
+        finished = self.run_dir.read_metrics() if start_step >= self.total_steps else None
+        self.finished_record = finished
+        if finished is not None:
+            # The same command again on a finished run: its record stays as it is (main then
+            # completes only what is missing: the export, the evaluation report).
+            logging.info("%s holds a finished run (step %d): its record is kept", cfg.model_dir,
+                         start_step)
+            return finished
         if chief:
             self.manager = self.run_dir.checkpoint_manager(self.checkpoint, cfg.keep_checkpoints)
             self.run_dir.write_config(dict(
@@ -249,7 +271,7 @@ class Trainer:
         clock = Throughput(cfg.batch_size, start_step)
         epoch_stats = np.zeros(SUMMED)
         step = start_step
-        with writer.as_default():
+        with writer.as_default(), self.stop.deferring():
             while step < self.total_steps:
                 end = self.loop_end(step)
                 stop_asked = self.stop.signal is not None

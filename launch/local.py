@@ -47,11 +47,14 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 STOPPED = 75  # cifar_dist.main: stopped by a signal after saving a checkpoint
+STOPPED_EARLY = 76  # cifar_dist.main: stopped by a signal before any checkpoint existed
 NO_RESTART = {2: "bad input: a restart would fail the same way",
               4: "the loss diverged: a restart from the same checkpoint would diverge again",
-              STOPPED: "the workers were asked to stop"}
+              STOPPED: "the workers were asked to stop",
+              STOPPED_EARLY: "the workers were asked to stop"}
 MEANING = {1: "error, see its log", 2: "bad input", 4: "loss diverged",
-           STOPPED: "stopped by a signal after saving a checkpoint"}
+           STOPPED: "stopped by a signal after saving a checkpoint",
+           STOPPED_EARLY: "stopped by a signal before any checkpoint"}
 
 # Runs in each worker before cifar_dist: ask Linux to send SIGKILL when the launcher dies
 # (prctl PR_SET_PDEATHSIG survives exec), give up if it is already gone, then exec Python
@@ -302,7 +305,7 @@ class Launcher:
             # 0: done (the chief may still be exporting). 75: the workers agreed on a stop,
             # so the others are saving and stopping too. After a first failure, later exits
             # are the survivors answering our SIGTERM.
-            if rc in (0, STOPPED) or first_failure is not None:
+            if rc in (0, STOPPED, STOPPED_EARLY) or first_failure is not None:
                 continue
             first_failure = (i, rc)
             live = self._live()

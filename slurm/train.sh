@@ -55,6 +55,7 @@
 set -uo pipefail
 
 STOPPED=75  # cifar_dist.main: stopped by a signal after saving a checkpoint
+STOPPED_EARLY=76  # cifar_dist.main: stopped by a signal before any checkpoint existed
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
     echo "slurm/train.sh: error: submit it with sbatch (sbatch slurm/train.sh [FLAGS])" >&2
@@ -94,12 +95,12 @@ srun --kill-on-bad-exit=0 --label "$PYTHON" -m cifar_dist.main \
     --strategy=multi_worker --cluster=slurm --model_dir="$PWD/runs/slurm-$SLURM_JOB_ID" "$@"
 rc=$?
 
-if [ "$rc" -eq "$STOPPED" ]; then
+if [ "$rc" -eq "$STOPPED" ] || [ "$rc" -eq "$STOPPED_EARLY" ]; then
     restarts=${SLURM_RESTART_COUNT:-0}
     if [ "$restarts" -ge "${CIFAR_DIST_MAX_REQUEUES:-20}" ]; then
-        echo "slurm/train.sh: stopped with a checkpoint (exit 75) but already requeued $restarts times: not requeueing" >&2
+        echo "slurm/train.sh: stopped by a signal (exit $rc) but already requeued $restarts times: not requeueing" >&2
     else
-        echo "slurm/train.sh: stopped with a checkpoint (exit 75): requeueing job $SLURM_JOB_ID to resume"
+        echo "slurm/train.sh: stopped by a signal (exit $rc): requeueing job $SLURM_JOB_ID to resume"
         scontrol requeue "$SLURM_JOB_ID" || echo "slurm/train.sh: scontrol requeue failed: resubmit the same command to resume" >&2
     fi
 elif [ "$rc" -ne 0 ]; then

@@ -142,15 +142,19 @@ def test_signal_saves_a_checkpoint_and_exits_75_then_resumes(tmp_path, sig):
 
 
 @pytest.mark.slow
-def test_signal_during_start_up_is_not_lost(tmp_path):
+def test_signal_during_start_up_ends_the_run_at_once_with_exit_76(tmp_path):
     proc = start([*RESUME_ARGS, f"--model_dir={tmp_path}"])
     for line in proc.stdout:  # the strategy exists, data is loaded, no step has run yet
         if "main.py" in line and " data: " in line:
             break
     proc.send_signal(signal.SIGTERM)
+    started = time.time()
     out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75, out[-3000:]
-    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) is not None
+    assert time.time() - started < 30, "the signal was not acted on within seconds"
+    assert proc.returncode == 76, out[-3000:]
+    lines = error_lines(out)
+    assert len(lines) == 1 and "stopped by SIGTERM outside the training loop" in lines[0], out[-2000:]
+    assert tf.train.latest_checkpoint(str(tmp_path / "checkpoints")) is None
 
 
 def test_divergence_in_float32_stops_with_exit_4_and_keeps_last_good_checkpoint(tmp_path):

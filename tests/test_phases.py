@@ -1,0 +1,100 @@
+"""Issue #17's run-directory and signal contract: a resume never misdescribes the weights,
+a finished run rerun keeps its record, and a signal in any phase outside the training
+loop (start-up, export, evaluation) ends the run within seconds, one line, nothing half
+written."""
+
+from __future__ import annotations
+
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, TINY_SYNTHETIC, env_for_subprocess, error_lines, run_module
+
+FINISHED = [*TINY_SYNTHETIC, "--train_steps=8", "--log_steps=4"]
+
+
+def snapshot(model_dir):
+    return {name: (model_dir / name).read_bytes()
+            for name in ("config.json", "history.csv", "metrics.json")}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("finished") / "run"
+    result = run_module("cifar_dist.main", *FINISHED, f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return model_dir
+
+
+@pytest.mark.parametrize("change, flag", [
+    ("--batch_size=32", "batch_size"), ("--train_steps=16", "train_steps"),
+    ("--learning_rate=0.2", "learning_rate"), ("--seed=3", "seed"),
+    ("--optimizer=adamw", "optimizer"), ("--augment=false", "augment")])
+def test_a_resume_that_changes_a_shaping_flag_is_refused(finished_run, change, flag):
+    before = snapshot(finished_run)
+    result = run_module("cifar_dist.main", *FINISHED, change, f"--model_dir={finished_run}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and f"{flag}: checkpoint" in lines[0], lines
+    assert "rerun with the run's own settings" in lines[0]
+    assert snapshot(finished_run) == before
+
+
+def test_a_finished_run_rerun_keeps_its_record_and_completes_what_is_missing(
+        finished_run, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(finished_run, model_dir)
+    before = snapshot(model_dir)
+    result = run_module("cifar_dist.main", *FINISHED, "--export=true",
+                        "--log_steps=2", f"--model_dir={model_dir}")  # log_steps shapes nothing
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert snapshot(model_dir) == before  # metrics.json is not rewritten with 0 img/s
+    assert "holds a finished run" in result.stderr
+    assert (model_dir / "export" / "saved_model" / "saved_model.pb").is_file()  # was missing
+
+
+def start(args):
+    return subprocess.Popen([sys.executable, "-m", "cifar_dist.main", *args], cwd=REPO,
+                            env=env_for_subprocess(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_a_signal_at_a_random_moment_of_start_up_ends_the_run_within_seconds(tmp_path):
+    delay = random.Random().uniform(1.0, 6.0)
+    proc = start([*FINISHED, f"--model_dir={tmp_path}"])
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out = proc.communicate(timeout=120)[0]
+    assert time.time() - sent < 30, f"signal at {delay:.1f} s took too long"
+    lines = error_lines(out)
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], (delay, out[-2000:])
+    # before the loop: 76 and no checkpoint; in the loop's first call: 75 and a checkpoint
+    has_checkpoint = (tmp_path / "checkpoints" / "checkpoint").is_file()
+    assert proc.returncode == (75 if has_checkpoint else 76), (delay, out[-2000:])
+    assert not list(tmp_path.glob("**/*.tmp")), list(tmp_path.glob("**/*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_signal_during_export_leaves_no_half_export_and_exits_75(tmp_path):
+    proc = start([*FINISHED, "--export=true", f"--model_dir={tmp_path}"])
+    for line in proc.stdout:
+        if "exporting into" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    lines = error_lines(out)
+    assert len(lines) == 1 and "checkpoints in" in lines[0] and "rerun" in lines[0], out[-2000:]
+    assert not list(tmp_path.glob("*.tmp")), list(tmp_path.glob("*"))
+    again = run_module("cifar_dist.main", *FINISHED, "--export=true", f"--model_dir={tmp_path}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "export" / "model.keras").is_file()
