@@ -206,13 +206,17 @@ def _read_members(path: str, names) -> dict:
         return out
     try:
         with tarfile.open(path, "r:gz") as tar:
-            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            members = {}
+            for member in tar:  # lazily: each header's size is checked before reading on
+                base = os.path.basename(member.name)
+                if member.isfile() and base in names:
+                    # A header claiming gigabytes (forged, or a gzip bomb) is refused
+                    # before its data are decompressed or skipped over.
+                    _check_batch_size(f"{path}: member {member.name}", member.size)
+                    members[base] = member
             for name in names:
                 if name not in members:
                     raise DataError(f"{path}: has no {BATCH_FOLDER}/{name}")
-                # The header's size, checked before extracting: a forged header would
-                # otherwise make read() allocate whatever it claims.
-                _check_batch_size(f"{path}: member {members[name].name}", members[name].size)
                 out[name] = tar.extractfile(members[name]).read(MAX_BATCH_BYTES + 1)
                 _check_batch_size(f"{path}: member {members[name].name}", len(out[name]))
     except (tarfile.TarError, OSError, EOFError) as e:
