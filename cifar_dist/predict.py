@@ -4,14 +4,17 @@
 
 PATH: an export folder (DIR/export), a training model_dir, a model.keras file or a
 SavedModel folder; without --model, the model shipped in the package
-(cifar_dist/assets/seed_model.keras) when there is one. PATHS: image files and folders;
+(cifar_dist/assets/seed_model.keras) when there is one. A folder with model.keras loads it in
+Keras' safe mode; a bare SavedModel (a program: trust its source) loads with a warning
+line, once its signature is checked to take uint8 [N, 32, 32, 3]. PATHS: image files and folders;
 folders are searched recursively for .png .jpg .jpeg .bmp .gif .webp files. Any size is
 resized to 32x32 (a note on stderr says so), grayscale/palette/RGBA/CMYK/16-bit images
 are converted to 8-bit RGB.
 
 CSV (to --output, or stdout): path,label,confidence, then one probability column per class.
 A missing, corrupt or non-image file gives one `cifar_dist: error: PATH: ...` line on
-stderr and no row; the other files are still classified.
+stderr and no row; the other files are still classified. File names that are not UTF-8 or
+hold control characters are escaped (errors.printable) in the CSV and on stderr.
 
 Exit status: 0 every file classified; 2 any file failed, or bad input (a bad flag, no
 usable model: one line on stderr, nothing written).
