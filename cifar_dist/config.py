@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import time
 
@@ -25,6 +26,7 @@ LR_SCALING = ("none", "linear", "sqrt")
 CLUSTERS = ("auto", "tf_config", "slurm")
 ALL_REDUCE = ("auto", "ring", "nccl")
 DATA_ON_DEVICE = ("auto", "true", "false")
+MAX_CPU_DEVICES_PER_CORE = 8
 
 
 # The defaults are configs/seed.cfg's recipe (tests/test_config.py keeps the two equal):
@@ -121,6 +123,14 @@ def validate(cfg: Config) -> None:
                                              and int(cfg.steps_per_loop) > 0):
         raise ConfigError(f"--steps_per_loop={cfg.steps_per_loop!r} must be 'auto' or a "
                           "positive number of steps")
+    # NaN passes every `<` and `>` test below as False, inf most of them: refuse both first,
+    # for every float field (a new one is covered without being listed).
+    for field in dataclasses.fields(cfg):
+        if field.type in (float, "float"):
+            value = getattr(cfg, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ConfigError(f"--{field.name} must be a finite number, got {value!r}")
     positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
                 "log_steps": cfg.log_steps, "keep_checkpoints": cfg.keep_checkpoints,
                 "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout,
@@ -152,6 +162,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("--deterministic needs --jit_compile=false: XLA in TF 2.21 has no "
                           "deterministic MaxPool gradient (XLA on CPU is already run-to-run "
                           "reproducible without the flag)")
+    # Each logical CPU device runs its own replica's step and thread pools: many more
+    # than the cores only thrash, and such a number is far more likely a typo.
+    max_cpu_devices = MAX_CPU_DEVICES_PER_CORE * (os.cpu_count() or 1)
+    if cfg.num_cpu_devices > max_cpu_devices:
+        raise ConfigError(f"--num_cpu_devices={cfg.num_cpu_devices} is more than "
+                          f"{MAX_CPU_DEVICES_PER_CORE} per CPU core ({os.cpu_count()} cores "
+                          f"here: at most {max_cpu_devices})")
     if cfg.num_cpu_devices and cfg.strategy not in ("mirrored", "default"):
         raise ConfigError("--num_cpu_devices splits the CPU for --strategy=mirrored; "
                           f"it does nothing with --strategy={cfg.strategy}")
@@ -164,6 +181,8 @@ def define_flags(flag_values=None) -> None:
     fv = flags.FLAGS if flag_values is None else flag_values
     if "batch_size" in fv:
         return
+    from cifar_dist.cli import refuse_flagfile_cycles  # noqa: PLC0415
+    refuse_flagfile_cycles(fv)
     d = Config.__dataclass_fields__
     help_text = {
         "dataset": "cifar10 (local python layout or TFDS), sample (2,048 + 512 real CIFAR-10 "

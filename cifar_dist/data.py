@@ -46,6 +46,9 @@ TARBALL = "cifar-10-python.tar.gz"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILE = "test_batch"
 META_FILE = "batches.meta"
+# An official batch file is 30.7 MB (10,000 x 3,072 bytes + labels, pickled): a file or a
+# tar member claiming more than this is refused before a byte of it is read.
+MAX_BATCH_BYTES = 64 * 2**20
 # The validation split is the same whatever the run seed, so tuning runs compare fairly.
 VALIDATION_SEED = 20240229
 
@@ -142,13 +145,28 @@ def parse_batch(data: bytes, what: str) -> Split:
         dtype = getattr(raw, "dtype", type(raw).__name__)
         raise DataError(f"{what}: 'data' must be uint8 [N, 3072], found {dtype} {shape}")
     try:
-        labels = np.asarray(labels, dtype=np.int64)
+        # No dtype here: asking for int64 would truncate 1.7 to 1 without a word.
+        labels = np.asarray(labels)
     except (TypeError, ValueError, OverflowError):
         raise DataError(f"{what}: 'labels' is not a list of integers") from None
+    if labels.size == 0:  # np.asarray([]) is float64
+        labels = labels.astype(np.int64)
     if labels.ndim != 1 or labels.shape[0] != raw.shape[0]:
         raise DataError(f"{what}: {raw.shape[0]} images but labels of shape {labels.shape}")
+    if labels.dtype.kind not in "iu":  # floats, bools, strings, ints beyond int64 (object)
+        example = next((v for v in labels.tolist() if not _is_int(v)), labels[:1].tolist())
+        raise DataError(f"{what}: 'labels' must be integers, found {labels.dtype} "
+                        f"(e.g. {example!r})")
+    if labels.size and (labels.min() < np.iinfo(np.int32).min
+                        or labels.max() > np.iinfo(np.int32).max):
+        bad = labels.min() if labels.min() < np.iinfo(np.int32).min else labels.max()
+        raise DataError(f"{what}: label {int(bad)} does not fit in int32 (it would wrap)")
     images = raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     return Split(np.ascontiguousarray(images), labels.astype(np.int32))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def _concat(splits) -> Split:
@@ -178,19 +196,38 @@ def _read_members(path: str, names) -> dict:
             full = os.path.join(path, name)
             if not os.path.isfile(full):
                 raise DataError(f"{full}: missing (expected the official CIFAR-10 python layout)")
-            with open(full, "rb") as f:
-                out[name] = f.read()
+            _check_batch_size(full, os.path.getsize(full))
+            try:
+                with open(full, "rb") as f:
+                    out[name] = f.read(MAX_BATCH_BYTES + 1)
+            except OSError as e:
+                raise DataError(f"{full}: unreadable ({e.strerror or e})") from None
+            _check_batch_size(full, len(out[name]))  # grew since the stat
         return out
     try:
         with tarfile.open(path, "r:gz") as tar:
-            members = {os.path.basename(m.name): m for m in tar.getmembers() if m.isfile()}
+            members = {}
+            for member in tar:  # lazily: each header's size is checked before reading on
+                base = os.path.basename(member.name)
+                if member.isfile() and base in names:
+                    # A header claiming gigabytes (forged, or a gzip bomb) is refused
+                    # before its data are decompressed or skipped over.
+                    _check_batch_size(f"{path}: member {member.name}", member.size)
+                    members[base] = member
             for name in names:
                 if name not in members:
                     raise DataError(f"{path}: has no {BATCH_FOLDER}/{name}")
-                out[name] = tar.extractfile(members[name]).read()
+                out[name] = tar.extractfile(members[name]).read(MAX_BATCH_BYTES + 1)
+                _check_batch_size(f"{path}: member {members[name].name}", len(out[name]))
     except (tarfile.TarError, OSError, EOFError) as e:
         raise DataError(f"{path}: unreadable tarball ({e})") from None
     return out
+
+
+def _check_batch_size(what: str, size: int) -> None:
+    if size > MAX_BATCH_BYTES:
+        raise DataError(f"{what}: {size:,} bytes, far more than a CIFAR-10 batch file "
+                        f"(about 31 MB; the limit is {MAX_BATCH_BYTES:,}): not read")
 
 
 def load_local_cifar10(path: str) -> DataBundle:
@@ -492,6 +529,14 @@ def load(cfg) -> DataBundle:
                   else load_tfds_cifar10(cfg.data_dir, download=False))
     if cfg.validation_size:
         bundle = hold_out_validation(bundle, cfg.validation_size)
+    # "The first N images" of fewer than N would silently train on less than asked for.
+    for flag, n, split in (("train_subset", cfg.train_subset, bundle.train),
+                           ("test_subset", cfg.test_subset, bundle.test)):
+        if n > len(split):
+            held = (f" after --validation_size={cfg.validation_size}"
+                    if flag == "train_subset" and cfg.validation_size else "")
+            raise DataError(f"--{flag}={n} is more than the {len(split)} "
+                            f"{flag.split('_')[0]} images of {bundle.source}{held}")
     bundle = dataclasses.replace(
         bundle, train=bundle.train.take(cfg.train_subset), test=bundle.test.take(cfg.test_subset))
     for name in ("train", "test", "validation"):

@@ -1,10 +1,51 @@
 """The few exception types a user can cause; the command line turns them into one line + exit 2."""
 
+from __future__ import annotations
+
+import os
+
+
+def printable(text) -> str:
+    """text (a str, bytes or path) as one printable line that any encoding can take
+    apart again: used for every file name in an error line, a note or a CSV cell.
+
+    Printable text is returned as it is. Otherwise backslashes are doubled and every
+    character that could break the line or the encoding is escaped: bytes that were not
+    UTF-8 (surrogateescape, as os.listdir hands them over) as \\xNN, control characters
+    (newline, tab, escape, ...) as \\n, \\t, \\xNN or \\uNNNN, so one name can never
+    become two lines, forge a `cifar_dist: error:` line or crash a UTF-8 writer."""
+    if isinstance(text, (bytes, bytearray)):
+        text = bytes(text).decode("utf-8", "surrogateescape")
+    if isinstance(text, os.PathLike):
+        text = os.fsdecode(text)
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:  # an undecodable byte, kept by surrogateescape
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch.isprintable():
+            out.append(ch)
+        else:  # \n, \t, \x1b, U+2028, a lone surrogate, ...
+            out.append(ch.encode("unicode_escape").decode("ascii")
+                       if code < 0xD800 or code > 0xDFFF else f"\\u{code:04x}")
+    return "".join(out)
+
 
 class UserError(Exception):
-    """Something the user can fix: a flag, a file, a cluster setting. Exit status 2."""
+    """Something the user can fix: a flag, a file, a cluster setting. Exit status 2.
+
+    Its text is always one printable line (see printable), whatever file names or other
+    errors' texts went into it: every command prints it as `cifar_dist: error: TEXT`."""
 
     exit_code = 2
+
+    def __str__(self):
+        return printable(super().__str__())
 
 
 class ConfigError(UserError):

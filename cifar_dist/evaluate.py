@@ -23,11 +23,13 @@ Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
 import shutil
 import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
@@ -36,6 +38,7 @@ from absl import flags, logging  # noqa: E402
 
 from cifar_dist import cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
+from cifar_dist import preflight  # noqa: E402
 from cifar_dist.errors import ConfigError, DataError, UserError  # noqa: E402
 from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
 
@@ -56,16 +59,21 @@ PLOT_FILES = ("confusion_matrix.png", "predictions.png", "training_curves.png")
 # --------------------------------------------------------------------------- inputs
 
 def exported_model_path(model_dir: str) -> str:
-    """DIR/export/model.keras, checked without importing TensorFlow."""
+    """DIR/export/model.keras (else DIR/export/saved_model), checked without importing
+    TensorFlow."""
     if not model_dir:
         raise ConfigError("--model_dir is required (a training run's folder)")
     if not os.path.isdir(model_dir):
         raise ConfigError(f"--model_dir={model_dir}: no such folder")
     path = os.path.join(model_dir, "export", "model.keras")
-    if not os.path.isfile(path):
-        raise ModelError(f"{path}: no exported model (train with --export=true, or run "
-                        f"`python -m cifar_dist.export --model_dir={model_dir}`)")
-    return path
+    if os.path.isfile(path):
+        return path
+    # Only a SavedModel: loaded with a warning (a program), see export.load_exported.
+    saved_model = os.path.join(model_dir, "export", "saved_model")
+    if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
+        return saved_model
+    raise ModelError(f"{path}: no exported model (train with --export=true, or run "
+                     f"`python -m cifar_dist.export --model_dir={model_dir}`)")
 
 
 def config_from_model_dir(model_dir: str, overrides: dict | None = None):
@@ -82,9 +90,13 @@ def config_from_model_dir(model_dir: str, overrides: dict | None = None):
         raise ConfigError(f"cannot override {', '.join(unknown)} when evaluating (data flags "
                           f"only: {', '.join(DATA_FIELDS)})")
     values.update(overrides)
-    if values.get("data_dir"):
-        values["data_dir"] = os.path.expanduser(values["data_dir"])
-    cfg = config_lib.Config(**values)
+    try:
+        if values.get("data_dir"):
+            values["data_dir"] = os.path.expanduser(values["data_dir"])
+        cfg = config_lib.Config(**values)
+    except (TypeError, ValueError, AttributeError) as e:  # e.g. "train_subset": "ten"
+        raise ModelError(f"{os.path.join(model_dir, 'config.json')}: a data setting of the "
+                         f"wrong type ({type(e).__name__}: {e})") from None
     # an empty cifar10 data_dir means "found automatically" (data.locate_cifar10)
     if cfg.dataset in ("cifar10", "folder") and cfg.data_dir and not os.path.exists(cfg.data_dir):
         origin = ("--data_dir" if "data_dir" in overrides
@@ -152,12 +164,29 @@ def classification_metrics(labels: np.ndarray, predicted: np.ndarray, class_name
 
 # --------------------------------------------------------------------------- curves
 
+HISTORY_NUMBERS = ("epoch", "step")  # what the curves need in every row
+MAX_HISTORY_BYTES = 16 * 2**20  # one short row per epoch: far fewer in any real run
+
+
 def read_history(model_dir: str) -> list:
+    """history.csv's rows ([] when there is none); DataError when it is not one that
+    training wrote (every row needs numeric epoch and step)."""
     path = os.path.join(model_dir, "history.csv")
     if not os.path.isfile(path):
         return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    if os.path.getsize(path) > MAX_HISTORY_BYTES:
+        raise DataError(f"{path}: {os.path.getsize(path):,} bytes: not a training history")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            for key in HISTORY_NUMBERS:
+                if not math.isfinite(float(row[key])):
+                    raise ValueError(f"{key} {row[key]}")
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a history.csv written by training "
+                        f"({type(e).__name__}: {e})") from None
+    return rows
 
 
 def read_tensorboard_scalars(model_dir: str, tags) -> dict:
@@ -166,6 +195,7 @@ def read_tensorboard_scalars(model_dir: str, tags) -> dict:
     if not os.path.isdir(folder):
         return {}
     import tensorflow as tf  # noqa: PLC0415
+    from google.protobuf.message import DecodeError  # noqa: PLC0415
     from tensorflow.core.util import event_pb2  # noqa: PLC0415
 
     found = {tag: {} for tag in tags}
@@ -181,6 +211,8 @@ def read_tensorboard_scalars(model_dir: str, tags) -> dict:
                             tf.make_ndarray(value.tensor))  # a resumed run rewrites steps
         except tf.errors.OpError as e:  # a truncated event file: use what was read
             logging.warning("%s: %s", name, str(e).splitlines()[0])
+        except (DecodeError, ValueError, TypeError) as e:  # a damaged event: the same
+            logging.warning("%s: unreadable event (%s)", name, type(e).__name__)
     return {tag: (np.array(sorted(d)), np.array([d[s] for s in sorted(d)]))
             for tag, d in found.items() if d}
 
@@ -207,10 +239,11 @@ def plot_training_curves(model_dir: str, path: str, config: dict | None = None) 
 
     # Training loss/accuracy are measured on augmented images, with label smoothing in the
     # loss: say so, or the gap to the evaluation curve reads as a mistake.
-    cfg = config or {}
-    notes = (["measured on augmented images"] if cfg.get("augment") else []) + \
-        ([f"loss with label smoothing {cfg['label_smoothing']:g}"]
-         if cfg.get("label_smoothing") else [])
+    cfg = config if isinstance(config, dict) else {}
+    smoothing = cfg.get("label_smoothing")
+    notes = (["measured on augmented images"] if cfg.get("augment") is True else []) + \
+        ([f"loss with label smoothing {smoothing:g}"]
+         if isinstance(smoothing, (int, float)) and smoothing else [])
     if history[0].get("images_per_second") not in (None, ""):  # per epoch, training only
         speed = (np.array([float(r["epoch"]) for r in history]),
                  np.array([float(r["images_per_second"]) for r in history]))
@@ -232,9 +265,10 @@ def plot_training_curves(model_dir: str, path: str, config: dict | None = None) 
 def _saved_config(model_dir: str) -> dict:
     try:
         with open(os.path.join(model_dir, "config.json")) as f:
-            return json.load(f)
+            saved = json.load(f)
     except (OSError, ValueError):
         return {}
+    return saved if isinstance(saved, dict) else {}
 
 
 def _prepare_output(output_dir: str) -> str:
@@ -251,6 +285,28 @@ def _prepare_output(output_dir: str) -> str:
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--output_dir={output_dir}: {parent} is not a writable folder")
     return output_dir
+
+
+def _replace_folder(tmp: str, target: str) -> None:
+    """Moves tmp to target, replacing a folder there. The old one is first renamed away
+    (rmtree then rename would race with another evaluation finishing in between)."""
+    for _ in range(10):
+        try:
+            os.replace(tmp, target)  # atomic when target is absent or empty
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
+                               dir=os.path.dirname(os.path.abspath(target)))
+        try:
+            os.replace(target, old)
+        except FileNotFoundError:  # another evaluation moved it away first
+            pass
+        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise ConfigError(f"--output_dir={target}: kept being replaced by other evaluations")
 
 
 def _write_predictions(path, labels, predicted, confidence, class_names):
@@ -304,6 +360,8 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
         cfg = bundle_or_cfg if bundle_or_cfg is not None else config_from_model_dir(model_dir)
         bundle = data.load(cfg)
     chosen = select_split(bundle, split)
+    if plots:
+        read_history(model_dir)  # a damaged history.csv fails now, not after the metrics
 
     from cifar_dist import export  # noqa: PLC0415
     model = export.load_exported(model_path)
@@ -330,9 +388,13 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     metrics["tta"] = summary_metrics(labels, flip_tta(model, images, batch_size), top_k) \
         if tta else None
 
-    tmp = output_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    # A private temporary folder beside output_dir: two evaluations at once (or one
+    # beside training's own) never write into or delete each other's.
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-",
+                           dir=os.path.dirname(os.path.abspath(output_dir)))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700, else: a folder like any other
     try:
         files = list(OUTPUT_FILES)
         _write_predictions(os.path.join(tmp, "predictions.csv"), labels, predicted,
@@ -361,8 +423,7 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(output_dir, ignore_errors=True)
-    os.replace(tmp, output_dir)
+    _replace_folder(tmp, output_dir)
     logging.info("%s accuracy %.4f (+/- %.4f), loss %.4f; wrote %s", split, metrics["accuracy"],
                  metrics["accuracy_standard_error"], metrics["loss"], output_dir)
     return dict(metrics, eval_dir=output_dir)
@@ -406,6 +467,11 @@ def main(argv) -> int:
             raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
         model_dir = os.path.expanduser(fv.model_dir or "")
         exported_model_path(model_dir)  # fail fast, before the data load
+        owner = preflight.lock_owner(model_dir)
+        if owner is not None:
+            # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
+            raise ConfigError(f"--model_dir={model_dir} is in use by a run still training "
+                              f"(pid {owner}); evaluate it when that run has finished")
         cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
         metrics = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta,
                                      top_k=fv.top_k, batch_size=fv.eval_batch_size,

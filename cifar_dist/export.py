@@ -22,6 +22,8 @@ Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import os
 import shutil
@@ -33,7 +35,7 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from cifar_dist import cli  # noqa: E402
-from cifar_dist.errors import CheckpointError, ConfigError, UserError  # noqa: E402
+from cifar_dist.errors import CheckpointError, ConfigError, UserError, printable  # noqa: E402
 
 # TensorFlow and Keras are imported inside the functions that need them: the command line
 # then rejects bad input at once, before TensorFlow's start-up noise on stderr.
@@ -169,16 +171,48 @@ def model_from_checkpoint(model_dir: str, checkpoint: str = "") -> tuple:
         model = build_model(saved["model"], len(saved["class_names"]), "float32")
     except ValueError as e:
         raise ModelError(f"{model_dir}/config.json: {e}") from None
-    try:
-        # The checkpoint also holds the optimizer and step counters: expect_partial; but
-        # every model variable must come from it, or the export would be half random.
-        status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
-        status.assert_existing_objects_matched()
-    except (tf.errors.OpError, AssertionError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+    reason = _restore(model, path)
+    if reason:
+        # A restore that failed half-way leaves deferred restorations behind, whose
+        # deleters log ~30 "unrestored values" warnings when collected, i.e. after our
+        # error line: collect them now, with TensorFlow's logger silenced.
+        del model
+        with _tf_warnings_silenced():
+            gc.collect()
         raise CheckpointError(f"{path}: does not fit a {saved['model']!r} model with "
-                              f"{len(saved['class_names'])} classes ({reason})") from None
+                              f"{len(saved['class_names'])} classes ({reason})")
     return model, saved, path
+
+
+@contextlib.contextmanager
+def _tf_warnings_silenced():
+    import tensorflow as tf  # noqa: PLC0415
+
+    logger = tf.get_logger()
+    level = logger.level
+    logger.setLevel("ERROR")
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _restore(model, path: str) -> str:
+    """Restores the model's variables from the checkpoint; "" or why they do not fit.
+    Returns (not raises) so that no traceback keeps the failed restore alive."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    with _tf_warnings_silenced():
+        try:
+            # The checkpoint also holds the optimizer and step counters: expect_partial;
+            # but every model variable must come from it, or the export would be half random.
+            status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
+            status.assert_existing_objects_matched()
+            return ""
+        except (tf.errors.OpError, AssertionError, ValueError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        gc.collect()
+    return reason
 
 
 def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str = "") -> str:
@@ -226,7 +260,9 @@ def _class_names_beside(folder: str, num_classes: int, what: str):
             raise ModelError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
         if not isinstance(names, list) or len(names) != num_classes:
             raise ModelError(f"{path}: expected a list of {num_classes} class names for {what}")
-        return tuple(str(n) for n in names)
+        if not all(isinstance(n, str) for n in names):
+            raise ModelError(f"{path}: class names must be strings")
+        return tuple(printable(n) for n in names)
     from cifar_dist.data import CIFAR10_CLASSES  # noqa: PLC0415
     if num_classes == len(CIFAR10_CLASSES):
         logging.warning("%s: no %s beside it; assuming the CIFAR-10 class names", what,
@@ -259,6 +295,34 @@ def _load_keras(path: str) -> ExportedModel:
     return ExportedModel(path, "keras", names, fn)
 
 
+SAVED_MODEL_WARNING = ("a SavedModel is a program (its graph runs whatever operations "
+                       "it holds, file access included): load only one from a trusted source; "
+                       f"a {KERAS_FILE} beside it loads in Keras' safe mode instead")
+
+
+def _check_signature(path: str, signature) -> str:
+    """The serving signature's one input name; ModelError unless it takes uint8
+    [N or None, 32, 32, 3] and returns probabilities [N, classes]."""
+    import tensorflow as tf  # noqa: PLC0415
+
+    args, kwargs = signature.structured_input_signature
+    specs = list(args) + list(kwargs.items())
+    if args or len(kwargs) != 1:
+        raise ModelError(f"{path}: serving_default takes {len(specs)} inputs, not one uint8 "
+                         "[N, 32, 32, 3] image batch")
+    (name, spec), = kwargs.items()
+    shape = spec.shape
+    if spec.dtype != tf.uint8 or shape.rank != 4 or list(shape)[1:] != [32, 32, 3]:
+        raise ModelError(f"{path}: serving_default takes {name} {spec.dtype.name} "
+                         f"{shape.as_list() if shape.rank is not None else '[unknown]'}, "
+                         "not uint8 [N, 32, 32, 3] images")
+    outputs = signature.structured_outputs
+    probs = outputs.get("probabilities") if isinstance(outputs, dict) else None
+    if probs is None or probs.shape.rank != 2 or probs.shape[-1] is None:
+        raise ModelError(f"{path}: serving_default returns no 'probabilities' [N, classes]")
+    return name
+
+
 def _load_saved_model(path: str) -> ExportedModel:
     import tensorflow as tf  # noqa: PLC0415
 
@@ -269,14 +333,23 @@ def _load_saved_model(path: str) -> ExportedModel:
         reason = str(e).splitlines()[0] if str(e) else ""
         raise ModelError(f"{path}: not a loadable SavedModel with a serving_default signature "
                          f"({type(e).__name__}: {reason})") from None
+    # Checked here, so that predict refuses it before writing its CSV header.
+    input_name = _check_signature(path, signature)
+    num = signature.structured_outputs["probabilities"].shape[-1]
+    names = None
     if hasattr(loaded, "class_names"):
-        names = tuple(n.decode() for n in loaded.class_names.numpy())
-    else:  # exported before the variable existed: class_names.json one folder up
-        num = signature.structured_outputs["probabilities"].shape[-1]
+        try:
+            names = tuple(printable(n) for n in loaded.class_names.numpy())
+        except (AttributeError, TypeError, ValueError):
+            names = None
+        if names is not None and len(names) != num:
+            raise ModelError(f"{path}: {len(names)} class names for {num} probabilities")
+    if names is None:  # exported before the variable existed: class_names.json one folder up
         names = _class_names_beside(os.path.dirname(os.path.normpath(path)), num, path)
+    print(f"cifar_dist: warning: {printable(path)}: {SAVED_MODEL_WARNING}", file=sys.stderr)
 
     def fn(images):
-        return signature(images=images)["probabilities"]
+        return signature(**{input_name: images})["probabilities"]
 
     return ExportedModel(path, "saved_model", names, fn)
 
@@ -284,8 +357,11 @@ def _load_saved_model(path: str) -> ExportedModel:
 def load_exported(path: str) -> ExportedModel:
     """Loads a model from an export folder, a training model_dir, a .keras file or a SavedModel.
 
-    A folder holding model.keras is read through Keras (the same code path as training);
-    a SavedModel folder through tf.saved_model.load.
+    A folder holding model.keras is read through Keras in safe mode (no deserialised
+    code; the same code path as training), so an export folder (saved_model/ and
+    model.keras) loads its model.keras. A SavedModel folder with no model.keras is read
+    through tf.saved_model.load after its serving signature is checked, with a warning:
+    a SavedModel is a program.
     """
     if not os.path.exists(path):
         raise ModelError(f"{path}: no such file or folder")

@@ -79,16 +79,23 @@ def _load_class_folders(root: str, class_names=None):
                                    if os.path.isdir(os.path.join(root, d))))
     if not class_names:
         raise DataError(f"{root}: no class subfolders (expected ROOT/<class name>/<images>)")
+    if len(class_names) < 2:
+        # One class scores 100% whatever the network does: nothing would be learnt.
+        raise DataError(f"{root}: only one class folder ({class_names[0]}); a classifier "
+                        "needs at least 2 (ROOT/<class name>/<images>, one folder per class)")
     images, labels = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(root, name)
         if not os.path.isdir(folder):
-            raise DataError(f"{root}: class folder {name!r} is missing (present in train/)")
-        for path in list_images(folder):
+            raise DataError(f"{root}: class folder {name} is missing (present in train/)")
+        paths = list_images(folder)
+        if not paths:
+            # Its label would exist but never be seen: refuse rather than train on 9 of 10.
+            raise DataError(f"{folder}: class folder with no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)})")
+        for path in paths:
             images.append(load_image(path)[0])
             labels.append(label)
-    if not images:
-        raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)}) in its class folders")
     return np.stack(images), np.asarray(labels, np.int32), class_names
 
 

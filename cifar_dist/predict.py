@@ -4,14 +4,17 @@
 
 PATH: an export folder (DIR/export), a training model_dir, a model.keras file or a
 SavedModel folder; without --model, the model shipped in the package
-(cifar_dist/assets/seed_model.keras) when there is one. PATHS: image files and folders;
+(cifar_dist/assets/seed_model.keras) when there is one. A folder with model.keras loads it in
+Keras' safe mode; a bare SavedModel (a program: trust its source) loads with a warning
+line, once its signature is checked to take uint8 [N, 32, 32, 3]. PATHS: image files and folders;
 folders are searched recursively for .png .jpg .jpeg .bmp .gif .webp files. Any size is
 resized to 32x32 (a note on stderr says so), grayscale/palette/RGBA/CMYK/16-bit images
 are converted to 8-bit RGB.
 
 CSV (to --output, or stdout): path,label,confidence, then one probability column per class.
 A missing, corrupt or non-image file gives one `cifar_dist: error: PATH: ...` line on
-stderr and no row; the other files are still classified.
+stderr and no row; the other files are still classified. File names that are not UTF-8 or
+hold control characters are escaped (errors.printable) in the CSV and on stderr.
 
 Exit status: 0 every file classified; 2 any file failed, or bad input (a bad flag, no
 usable model: one line on stderr, nothing written).
@@ -31,7 +34,7 @@ from absl import flags  # noqa: E402
 
 from cifar_dist import cli  # noqa: E402
 from cifar_dist import images as images_lib  # noqa: E402
-from cifar_dist.errors import ConfigError, UserError  # noqa: E402
+from cifar_dist.errors import ConfigError, UserError, printable  # noqa: E402
 from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
@@ -70,13 +73,13 @@ def expand_paths(paths) -> tuple[list, list]:
         if os.path.isdir(path):
             found = images_lib.list_images(path)
             if not found:
-                errors.append(FileResult(path, error=f"{path}: folder holds no images "
-                                         f"({', '.join(images_lib.IMAGE_EXTENSIONS)})"))
+                errors.append(FileResult(path, error=f"{printable(path)}: folder holds no "
+                                         f"images ({', '.join(images_lib.IMAGE_EXTENSIONS)})"))
             files.extend(found)
         elif os.path.isfile(path):
             files.append(path)  # named explicitly: tried whatever its extension
         else:
-            errors.append(FileResult(path, error=f"{path}: no such file or folder"))
+            errors.append(FileResult(path, error=f"{printable(path)}: no such file or folder"))
     return files, errors
 
 
@@ -87,7 +90,7 @@ def _load(path: str):
     except images_lib.ImageError as e:
         return None, None, str(e)
     except (OSError, MemoryError) as e:  # e.g. permission denied on open
-        return None, None, f"{path}: {type(e).__name__}: {e}"
+        return None, None, printable(f"{path}: {type(e).__name__}: {e}")
 
 
 def predict_files(model, files, batch_size: int = 256):
@@ -154,7 +157,11 @@ def main(argv) -> int:
     for result in failures:  # paths that gave no files at all
         print(f"cifar_dist: error: {result.error}", file=sys.stderr)
     tmp = fv.output + ".tmp" if fv.output else ""
-    out = open(tmp, "w", newline="") if tmp else sys.stdout
+    # File names go through printable(), so the CSV is always valid UTF-8, one row per
+    # line; stdout in an ASCII locale escapes the rest instead of stopping half-way.
+    if not tmp and hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    out = open(tmp, "w", newline="", encoding="utf-8") if tmp else sys.stdout
     ok = resized = 0
     try:
         writer = csv.writer(out)
@@ -168,11 +175,11 @@ def main(argv) -> int:
                 resized += 1
                 if resized <= MAX_RESIZE_NOTES:
                     w, h = result.original_size
-                    print(f"cifar_dist: note: {result.path}: resized from {w}x{h} to 32x32",
-                          file=sys.stderr)
+                    print(f"cifar_dist: note: {printable(result.path)}: resized from "
+                          f"{w}x{h} to 32x32", file=sys.stderr)
             p = result.probabilities
             best = int(np.argmax(p))
-            writer.writerow([result.path, model.class_names[best], f"{p[best]:.6f}"]
+            writer.writerow([printable(result.path), model.class_names[best], f"{p[best]:.6f}"]
                             + [f"{v:.6f}" for v in p])
             ok += 1
     except BaseException:

@@ -114,3 +114,21 @@ class ModelDirLock:
             os.close(self.fd)
             self.fd = None
         return False
+
+
+def lock_owner(model_dir: str):
+    """The pid (a string, "?" if unknown) of the run holding model_dir/.lock, or None when
+    no run holds it. Creates and writes nothing: a shared lock is taken and dropped."""
+    try:
+        fd = os.open(os.path.join(model_dir, ".lock"), os.O_RDONLY)
+    except OSError:  # no lock file (no run ever trained here), or unreadable: cannot tell
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)

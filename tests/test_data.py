@@ -171,11 +171,13 @@ def test_image_folder_source_converts_and_resizes(tmp_path):
 
 def test_image_folder_errors(tmp_path):
     (tmp_path / "empty" / "cat").mkdir(parents=True)
-    with pytest.raises(DataError, match="no images"):
+    _save(tmp_path / "empty" / "dog" / "a.png", Image.new("RGB", (32, 32)))
+    with pytest.raises(DataError, match="cat: class folder with no images"):
         data.load(Config(dataset="folder", data_dir=str(tmp_path / "empty")))
     bad = tmp_path / "bad" / "cat"
     bad.mkdir(parents=True)
     (bad / "x.png").write_bytes(b"not a png at all")
+    _save(tmp_path / "bad" / "dog" / "a.png", Image.new("RGB", (32, 32)))
     with pytest.raises(DataError, match="not a readable image"):
         data.load(Config(dataset="folder", data_dir=str(tmp_path / "bad")))
     with pytest.raises(DataError, match="no class subfolders"):
