@@ -36,7 +36,8 @@ from cifar_dist import pipeline
 
 # The per-call stats vector. The first REDUCED entries come from each replica's step and are
 # summed over replicas (they travel in the gradients' all-reduce); the first SUMMED entries
-# are summed over the steps of a call; the rest are the values after the call's last step.
+# are summed over the steps of a call; the rest are the values after the call's last step
+# (learning_rate: the rate the next step will use).
 STATS = ("loss_sum", "correct", "count", "nonfinite", "stop", "skipped",
          "learning_rate", "skipped_total")
 REDUCED, SUMMED = 5, 6
@@ -113,8 +114,10 @@ class TrainSteps:
         """The update from summed gradients and summed flags, then the counters and stats."""
         finite = tf.equal(totals[NONFINITE], 0.0)
         loss_scaling = self.update.loss_scaling
-        lr = self.update.apply(grads, self.model.trainable_variables,
-                               finite if loss_scaling else None)
+        self.update.apply(grads, self.model.trainable_variables,
+                          finite if loss_scaling else None)
+        # Reported: the rate the next step will use, as history.csv's (0 after onecycle's end).
+        lr = self.update.learning_rate()
         skipped = (1.0 - tf.cast(finite, tf.float32)) if loss_scaling else tf.constant(0.0)
         self.global_step.assign_add(1)
         self.skipped_steps.assign_add(tf.cast(skipped, tf.int64))
