@@ -218,6 +218,6 @@ def table(results) -> str:
         m = results.get(key)
         if m:
             ratio = f", {m['seconds_per_step'] / tight:.2f}x the tight loop" if tight else ""
-            lines.append(f"python -m {m['command']}: last epoch {m['images_per_second']:.1f} "
+            lines.append(f"python {m['command']}: last epoch {m['images_per_second']:.1f} "
                          f"img/s = {ms * m['seconds_per_step']:.2f} ms per step{ratio}")
     return "\n".join(lines)
