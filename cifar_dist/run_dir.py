@@ -56,20 +56,24 @@ class RunDir:
 
     # ------------------------------------------------------------------ config.json
 
-    def read_config(self) -> dict | None:
-        """The saved configuration, or None when there is none yet."""
-        path = self.join(CONFIG)
+    def _read_json(self, name: str, way_out: str) -> dict | None:
+        """A JSON object file of the run, or None when absent; anything else is one line."""
+        path = self.join(name)
         if not os.path.exists(path):
             return None
         try:
             with open(path) as f:
-                saved = json.load(f)
+                obj = json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); restore it "
-                                  "or use another --model_dir") from None
-        if not isinstance(saved, dict):
-            raise CheckpointError(f"{path} is not a JSON object; use another --model_dir")
-        return saved
+            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); "
+                                  f"{way_out}") from None
+        if not isinstance(obj, dict):
+            raise CheckpointError(f"{path} is not a JSON object; {way_out}")
+        return obj
+
+    def read_config(self) -> dict | None:
+        """The saved configuration, or None when there is none yet."""
+        return self._read_json(CONFIG, "restore it or use another --model_dir")
 
     def write_config(self, config: dict) -> None:
         write_json_atomic(self.join(CONFIG), config)
@@ -90,43 +94,12 @@ class RunDir:
                                   "--model_dir")
 
     def read_metrics(self) -> dict | None:
-        path = self.join(METRICS)
-        if not os.path.exists(path):
-            return None
-        try:
-            with open(path) as f:
-                metrics = json.load(f)
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); delete it "
-                                  "to have the run's final figures written again") from None
-        if not isinstance(metrics, dict) or "test_accuracy" not in metrics:
-            raise CheckpointError(f"{path} is not a cifar_dist metrics file; delete it to have "
-                                  "the run's final figures written again")
+        way_out = "delete it to have the run's final figures written again"
+        metrics = self._read_json(METRICS, way_out)
+        if metrics is not None and "test_accuracy" not in metrics:
+            raise CheckpointError(f"{self.join(METRICS)} is not a cifar_dist metrics file; "
+                                  f"{way_out}")
         return metrics
-
-    # ------------------------------------------------------------------ history.csv, metrics.json
-
-    def read_history(self) -> list:
-        path = self.join(HISTORY)
-        if not os.path.exists(path):
-            return []
-        with open(path, newline="") as f:
-            return [{k: (int(float(v)) if k in INT_COLUMNS else float(v))
-                     for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-    def write_history(self, history: list) -> None:
-        keys = []
-        for row in history:
-            keys += [k for k in row if k not in keys]
-        tmp = self.join(HISTORY + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(tmp, self.join(HISTORY))
-
-    def write_metrics(self, metrics: dict) -> None:
-        write_json_atomic(self.join(METRICS), metrics)
 
     # ------------------------------------------------------------------ checkpoints
 
