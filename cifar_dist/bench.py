@@ -45,7 +45,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import resource
 import signal
 import subprocess

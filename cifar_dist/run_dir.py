@@ -101,6 +101,30 @@ class RunDir:
                                   f"{way_out}")
         return metrics
 
+    # ------------------------------------------------------------------ history.csv, metrics.json
+
+    def read_history(self) -> list:
+        path = self.join(HISTORY)
+        if not os.path.exists(path):
+            return []
+        with open(path, newline="") as f:
+            return [{k: (int(float(v)) if k in INT_COLUMNS else float(v))
+                     for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+    def write_history(self, history: list) -> None:
+        keys = []
+        for row in history:
+            keys += [k for k in row if k not in keys]
+        tmp = self.join(HISTORY + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+        os.replace(tmp, self.join(HISTORY))
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json_atomic(self.join(METRICS), metrics)
+
     # ------------------------------------------------------------------ checkpoints
 
     def checkpoint_manager(self, checkpoint, keep: int):
