@@ -41,16 +41,18 @@ def test_second_run_on_the_same_model_dir_is_refused_and_the_first_goes_on(tmp_p
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
-    args = [*TINY_SYNTHETIC, "--checkpoint_steps=2", f"--model_dir={tmp_path}"]
-    first = run_module("cifar_dist.main", *args, "--train_steps=4")
+    # The same command twice (a resume may not change --train_steps): the second run finds
+    # the newest checkpoint damaged, resumes from the one before and trains the rest again.
+    args = [*TINY_SYNTHETIC, "--checkpoint_steps=2", "--train_steps=6", f"--model_dir={tmp_path}"]
+    first = run_module("cifar_dist.main", *args)
     assert first.returncode == 0, first.stderr[-2000:]
-    data_file = tmp_path / "checkpoints" / "ckpt-4.data-00000-of-00001"
+    data_file = tmp_path / "checkpoints" / "ckpt-6.data-00000-of-00001"
     blob = data_file.read_bytes()
     data_file.write_bytes(blob[: len(blob) // 3])
-    again = run_module("cifar_dist.main", *args, "--train_steps=6")
+    again = run_module("cifar_dist.main", *args)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "ckpt-4 is unusable" in again.stderr
-    assert "ckpt-2 at step 2" in again.stderr
+    assert "ckpt-6 is unusable" in again.stderr
+    assert "ckpt-4 at step 4" in again.stderr
 
 
 def _limit_file_size(limit):
@@ -61,12 +63,18 @@ def _limit_file_size(limit):
 
 
 def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
-    args = [*TINY_SYNTHETIC, "--checkpoint_steps=2", f"--model_dir={tmp_path}"]
-    first = run_module("cifar_dist.main", *args, "--train_steps=2")
+    args = [*TINY_SYNTHETIC, "--checkpoint_steps=2", "--train_steps=4", f"--model_dir={tmp_path}"]
+    first = run_module("cifar_dist.main", *args)
     assert first.returncode == 0, first.stderr[-2000:]
-    before = tf.train.latest_checkpoint(str(tmp_path / "checkpoints"))
+    # Roll the run back to its step-2 checkpoint, so the same command trains and saves again.
+    ckpt_dir = tmp_path / "checkpoints"
+    for path in ckpt_dir.glob("ckpt-4.*"):
+        path.unlink()
+    before = str(ckpt_dir / "ckpt-2")
+    (ckpt_dir / "checkpoint").write_text(f'model_checkpoint_path: "ckpt-2"\n'
+                                         f'all_model_checkpoint_paths: "ckpt-2"\n')
     # Small files (config.json, the lock) still fit; a checkpoint's data file does not.
-    full = subprocess.run([sys.executable, "-m", "cifar_dist.main", *args, "--train_steps=4"],
+    full = subprocess.run([sys.executable, "-m", "cifar_dist.main", *args],
                           cwd=REPO, env=env_for_subprocess(), capture_output=True, text=True,
                           timeout=300, preexec_fn=_limit_file_size(20_000))
     assert full.returncode == 2, full.stderr[-2000:]
