@@ -23,7 +23,7 @@ from absl import flags  # noqa: E402
 
 from cifar_dist import cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
-from cifar_dist.errors import ConfigError, UserError  # noqa: E402
+from cifar_dist.errors import ConfigError  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -67,9 +67,7 @@ def write_preview(bundle, output: str, split: str = "train", num_images: int = 1
 
 # --------------------------------------------------------------------------- command line
 
-def _flag_values() -> flags.FlagValues:
-    # A private FlagValues: tests call main() many times in one process.
-    fv = flags.FlagValues()
+def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("output", None, "the image to write (.png, .pdf or .svg)",
                         flag_values=fv)
     flags.DEFINE_enum("dataset", "cifar10", config_lib.DATASETS, "data source",
@@ -84,33 +82,29 @@ def _flag_values() -> flags.FlagValues:
                          upper_bound=20, flag_values=fv)
     flags.DEFINE_integer("seed", 0, "augmentation seed (and synthetic data seed)",
                          flag_values=fv)
-    return fv
+
+
+def preview_command(fv, args) -> int:
+    cli.no_positional_args(args)
+    if not fv.output:
+        raise ConfigError("--output=FILE.png is required")
+    if os.path.splitext(fv.output)[1].lower() not in FORMATS:
+        raise ConfigError(f"--output={fv.output}: use a {', '.join(FORMATS)} file name")
+    parent = os.path.dirname(os.path.abspath(fv.output))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output={fv.output}: {parent} is not a writable folder")
+    cfg = config_lib.Config(dataset=fv.dataset, data_dir=os.path.expanduser(fv.data_dir),
+                            seed=fv.seed, augment=True)
+    from cifar_dist import data  # noqa: PLC0415
+    bundle = data.load(cfg)
+    write_preview(bundle, fv.output, fv.split, fv.num_images, fv.num_augmentations, fv.seed)
+    print(f"wrote {fv.output}")
+    return 0
 
 
 def main(argv) -> int:
     """Runs the command for argv (program name first); returns the exit status."""
-    try:
-        fv = _flag_values()
-        rest = cli.parse_flags(fv, argv, __doc__)
-        if len(rest) > 1:
-            raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
-        if not fv.output:
-            raise ConfigError("--output=FILE.png is required")
-        if os.path.splitext(fv.output)[1].lower() not in FORMATS:
-            raise ConfigError(f"--output={fv.output}: use a {', '.join(FORMATS)} file name")
-        parent = os.path.dirname(os.path.abspath(fv.output))
-        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"--output={fv.output}: {parent} is not a writable folder")
-        cfg = config_lib.Config(dataset=fv.dataset, data_dir=os.path.expanduser(fv.data_dir),
-                                seed=fv.seed, augment=True)
-        from cifar_dist import data  # noqa: PLC0415
-        bundle = data.load(cfg)
-        write_preview(bundle, fv.output, fv.split, fv.num_images, fv.num_augmentations, fv.seed)
-    except UserError as e:
-        print(f"cifar_dist: error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"wrote {fv.output}")
-    return 0
+    return cli.run_command(argv, __doc__, define_flags, preview_command)
 
 
 def run():

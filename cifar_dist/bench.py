@@ -54,7 +54,10 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
+
+from cifar_dist import cli  # noqa: E402
+from cifar_dist.errors import ConfigError  # noqa: E402
 
 METHODS = ("matmul", "pipeline", "cifar_dist", "cifar_dist_noaug", "keras_fit",
            "keras_fit_xla", "keras_fit_host", "profile")
@@ -74,47 +77,69 @@ TINY = {"model": "tiny", "batch_size": 32, "windows": 2, "steps_per_window": 3,
         "pipeline_batches": 20, "isolate": False, "multiworker": False,
         "methods": ",".join(m for m in METHODS if m not in ("keras_fit_xla", "profile"))}
 
-flags.DEFINE_bool("tiny", False, "a plumbing check in well under a minute: tiny model, batch 32, "
-                  "2 short windows, all methods in this process, no multi-worker part "
-                  "(flags given explicitly still win)")
-flags.DEFINE_string("output", "", "write the results as JSON here")
-flags.DEFINE_integer("batch_size", 256, "GLOBAL batch size of every training method")
-flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
-                  "compute dtype (mixed precision for float16/bfloat16) of every training method")
-flags.DEFINE_enum("model", "seed", ["seed", "tiny"], "network")
-flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"],
-                  "random uint8 images, or CIFAR-10 from --data_dir")
-flags.DEFINE_string("data_dir", "", "CIFAR-10 location for --data=real (as cifar_dist.main)")
-flags.DEFINE_integer("synthetic_size", 50000, "training images for --data=synthetic")
-flags.DEFINE_integer("windows", 5, "timed windows per method")
-flags.DEFINE_integer("steps_per_window", 4, "training steps per window")
-flags.DEFINE_integer("warmup_windows", 1, "untimed windows first (compilation, autotuning)")
-flags.DEFINE_integer("pipeline_batches", 200, "batches per window of the input-pipeline method")
-flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 roofline matmul")
-flags.DEFINE_list("methods", ",".join(METHODS), f"subset of {', '.join(METHODS)}")
-flags.DEFINE_bool("multiworker", True, "also run (7): 2 workers on localhost vs 1")
-flags.DEFINE_enum("all_reduce", "ring", ["ring", "nccl", "auto"],
-                  "(7): the workers' all-reduce (ring over gRPC on CPUs; nccl on GPUs)")
-flags.DEFINE_bool("isolate", True, "each method in its own process (independent peak memory)")
-flags.DEFINE_integer("timeout", 1200, "seconds any one method may take")
-# paper projection for GPUs (no training; from the FLOP and byte counts)
-flags.DEFINE_bool("projection", False, "print the GPU scaling projection from the counts and exit")
-flags.DEFINE_float("gpu_tflops", 93.6, "projection: achieved TFLOP/s per GPU on this network")
-flags.DEFINE_string("gpu_label", "A100, bf16, 30% of its 312 TFLOP/s dense peak",
-                    "projection: what --gpu_tflops stands for")
-flags.DEFINE_list("link_gbits", "25,100,400", "projection: per-GPU ring bandwidths, Gbit/s")
-flags.DEFINE_list("gpu_counts", "2,4,8,16,32,64", "projection: numbers of GPUs")
-flags.DEFINE_list("per_gpu_batches", "256,512", "projection: per-GPU batch sizes")
-# the loop's fixed costs (bench_overhead.py)
-flags.DEFINE_bool("overhead", False, "measure the training loop's per-step overhead (tiny "
-                  "network, 2 images per replica, one device and mirrored on 2 CPUs, SGD and "
-                  "AdamW) and exit")
-flags.DEFINE_string("overhead_case", "", "internal: run one overhead case STRATEGY,OPTIMIZER")
-# internal: a child process running one method
-flags.DEFINE_string("child", "", "internal: run this one method and write --child_output")
-flags.DEFINE_string("child_output", "", "internal")
 
-FLAGS = flags.FLAGS
+def define_flags(fv: flags.FlagValues) -> None:
+    """The bench command's flags (defined when it runs: cli.run_command)."""
+    flags.DEFINE_bool("tiny", False, "a plumbing check in well under a minute: tiny model, batch 32, "
+                      "2 short windows, all methods in this process, no multi-worker part "
+                      "(flags given explicitly still win)", flag_values=fv)
+    flags.DEFINE_string("output", "", "write the results as JSON here", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 256, "GLOBAL batch size of every training method",
+                         flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "float16", "bfloat16"],
+                      "compute dtype (mixed precision for float16/bfloat16) of every training method",
+                      flag_values=fv)
+    flags.DEFINE_enum("model", "seed", ["seed", "tiny"], "network", flag_values=fv)
+    flags.DEFINE_enum("data", "synthetic", ["synthetic", "real"],
+                      "random uint8 images, or CIFAR-10 from --data_dir", flag_values=fv)
+    flags.DEFINE_string("data_dir", "", "CIFAR-10 location for --data=real (as cifar_dist.main)",
+                        flag_values=fv)
+    flags.DEFINE_integer("synthetic_size", 50000, "training images for --data=synthetic",
+                         flag_values=fv)
+    flags.DEFINE_integer("windows", 5, "timed windows per method", flag_values=fv)
+    flags.DEFINE_integer("steps_per_window", 4, "training steps per window", flag_values=fv)
+    flags.DEFINE_integer("warmup_windows", 1, "untimed windows first (compilation, autotuning)",
+                         flag_values=fv)
+    flags.DEFINE_integer("pipeline_batches", 200, "batches per window of the input-pipeline method",
+                         flag_values=fv)
+    flags.DEFINE_integer("matmul_size", 2048, "n of the n x n float32 roofline matmul",
+                         flag_values=fv)
+    flags.DEFINE_list("methods", ",".join(METHODS), f"subset of {', '.join(METHODS)}",
+                      flag_values=fv)
+    flags.DEFINE_bool("multiworker", True, "also run (7): 2 workers on localhost vs 1",
+                      flag_values=fv)
+    flags.DEFINE_enum("all_reduce", "ring", ["ring", "nccl", "auto"],
+                      "(7): the workers' all-reduce (ring over gRPC on CPUs; nccl on GPUs)",
+                      flag_values=fv)
+    flags.DEFINE_bool("isolate", True, "each method in its own process (independent peak memory)",
+                      flag_values=fv)
+    flags.DEFINE_integer("timeout", 1200, "seconds any one method may take", flag_values=fv)
+    # paper projection for GPUs (no training; from the FLOP and byte counts)
+    flags.DEFINE_bool("projection", False, "print the GPU scaling projection from the counts and exit",
+                      flag_values=fv)
+    flags.DEFINE_float("gpu_tflops", 93.6, "projection: achieved TFLOP/s per GPU on this network",
+                       flag_values=fv)
+    flags.DEFINE_string("gpu_label", "A100, bf16, 30% of its 312 TFLOP/s dense peak",
+                        "projection: what --gpu_tflops stands for", flag_values=fv)
+    flags.DEFINE_list("link_gbits", "25,100,400", "projection: per-GPU ring bandwidths, Gbit/s",
+                      flag_values=fv)
+    flags.DEFINE_list("gpu_counts", "2,4,8,16,32,64", "projection: numbers of GPUs", flag_values=fv)
+    flags.DEFINE_list("per_gpu_batches", "256,512", "projection: per-GPU batch sizes",
+                      flag_values=fv)
+    # the loop's fixed costs (bench_overhead.py)
+    flags.DEFINE_bool("overhead", False, "measure the training loop's per-step overhead (tiny "
+                      "network, 2 images per replica, one device and mirrored on 2 CPUs, SGD and "
+                      "AdamW) and exit", flag_values=fv)
+    flags.DEFINE_string("overhead_case", "", "internal: run one overhead case STRATEGY,OPTIMIZER",
+                        flag_values=fv)
+    # internal: a child process running one method
+    flags.DEFINE_string("child", "", "internal: run this one method and write --child_output",
+                        flag_values=fv)
+    flags.DEFINE_string("child_output", "", "internal", flag_values=fv)
+
+
+# The parsed flags of the running command (main sets it; #15 turns it into a settings value).
+FLAGS: flags.FlagValues = None
 
 
 # --------------------------------------------------------------------------- statistics
@@ -1162,9 +1187,10 @@ def apply_tiny_defaults():
             FLAGS[name].value = value.split(",") if name == "methods" else value
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def bench_command(fv, args) -> int:
+    global FLAGS
+    FLAGS = fv
+    cli.no_positional_args(args)
     if FLAGS.child:
         result = run_method(FLAGS.child)
         with open(FLAGS.child_output + ".tmp", "w") as f:
@@ -1182,9 +1208,9 @@ def main(argv):
     apply_tiny_defaults()
     unknown = set(FLAGS.methods) - set(METHODS)
     if unknown:
-        raise app.UsageError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
+        raise ConfigError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
     if FLAGS.data == "real" and not FLAGS.data_dir:
-        raise app.UsageError("--data=real needs --data_dir")
+        raise ConfigError("--data=real needs --data_dir")
     import tensorflow as tf  # noqa: PLC0415  (after flags: children must not start it twice)
 
     t_start = time.time()
@@ -1256,8 +1282,14 @@ def main(argv):
         os.replace(FLAGS.output + ".tmp", FLAGS.output)
 
 
+def main(argv) -> int:
+    """Runs the command for argv (program name first); returns the exit status."""
+    return cli.run_command(argv, __doc__, define_flags, bench_command)
+
+
 def run():
-    app.run(main)
+    """Console-script entry point (cifar-dist-bench)."""
+    sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":

@@ -82,6 +82,7 @@ class Config:
     log_steps: int = 50
     skip_eval: bool = False
     enable_tensorboard: bool = True
+    profile_steps: str = ""  # "A,B": a profiler trace of steps A..B (see profile_range)
     export: bool = True
 
     def __post_init__(self):
@@ -95,6 +96,16 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """--profile_steps as (first, last) step, 1-based and inclusive (Keras'
+        TensorBoard(profile_batch=...) convention); None when not profiling."""
+        if not self.profile_steps:
+            return None
+        parts = [p.strip() for p in self.profile_steps.split(",")]
+        first, last = int(parts[0]), int(parts[-1])
+        return first, last
 
     @property
     def dtype_policy(self) -> str:
@@ -123,6 +134,12 @@ def validate(cfg: Config) -> None:
                                              and int(cfg.steps_per_loop) > 0):
         raise ConfigError(f"--steps_per_loop={cfg.steps_per_loop!r} must be 'auto' or a "
                           "positive number of steps")
+    if cfg.profile_steps:
+        parts = [p.strip() for p in cfg.profile_steps.split(",")]
+        if not (len(parts) in (1, 2) and all(p.isdigit() for p in parts)
+                and 1 <= int(parts[0]) <= int(parts[-1])):
+            raise ConfigError(f"--profile_steps={cfg.profile_steps!r} must be A,B (steps A to "
+                              "B, 1 <= A <= B) or A (one step)")
     # NaN passes every `<` and `>` test below as False, inf most of them: refuse both first,
     # for every float field (a new one is covered without being listed).
     for field in dataclasses.fields(cfg):
@@ -241,6 +258,9 @@ def define_flags(flag_values=None) -> None:
         "log_steps": "log loss, accuracy and images/s every N steps",
         "skip_eval": "skip the evaluation at each epoch end",
         "enable_tensorboard": "write TensorBoard summaries into model_dir/tensorboard",
+        "profile_steps": "A,B: write a TensorFlow profiler trace of training steps A to B "
+                         "(1-based) into model_dir/tensorboard on the chief, for TensorBoard's "
+                         "Profile tab (empty: no trace)",
         "export": "export a SavedModel and a .keras file into model_dir/export at the end",
     }
     for name, field in d.items():

@@ -1,4 +1,17 @@
-"""The few exception types a user can cause; the command line turns them into one line + exit 2."""
+"""The few exception types a run can end with, and the exit status of each.
+
+Every command (cli.run_command) prints one of them as one line on stderr and exits with
+its code. The exit statuses, in one table (README "Exit status" copies it, and
+launch/local.py and slurm/train.sh act on it):
+
+    0   done
+    2   bad input: a flag, a file, a cluster setting (UserError); nothing was written
+    3   another worker died or stalled (PeerLost): restart the group, it resumes
+    4   the loss diverged (TrainingDiverged): the last good checkpoint is kept
+    75  stopped by a signal with a checkpoint in model_dir (Preempted, Interrupted):
+        rerun the same command to resume
+    76  stopped by a signal before any checkpoint existed (Interrupted): a rerun starts afresh
+"""
 
 from __future__ import annotations
 
@@ -101,3 +114,14 @@ class Interrupted(Exception):
             f"stopped by {self.signal_name} outside the training loop; " + (
                 f"the checkpoints in {model_dir} are intact: rerun the same command to resume"
                 if self.resumable else "no checkpoint was written: a rerun starts afresh"))
+
+
+EXIT_ERRORS = (UserError, TrainingDiverged, PeerLost, Preempted, Interrupted)
+
+
+def error_line(e: BaseException) -> str:
+    """The one stderr line a command prints for e: `cifar_dist: error: ...` for input the
+    user can fix, `cifar_dist: ...` for the ways a run stops (diverged, peer, signal)."""
+    if isinstance(e, UserError):
+        return f"cifar_dist: error: {e}"
+    return f"cifar_dist: {printable(str(e))}"

@@ -39,7 +39,7 @@ from absl import flags, logging  # noqa: E402
 from cifar_dist import cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
 from cifar_dist import preflight  # noqa: E402
-from cifar_dist.errors import ConfigError, DataError, UserError  # noqa: E402
+from cifar_dist.errors import ConfigError, DataError  # noqa: E402
 from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
 
 # TensorFlow, Keras, scikit-learn and matplotlib are imported where used, so that bad
@@ -431,10 +431,7 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
 
 # --------------------------------------------------------------------------- command line
 
-def _flag_values() -> flags.FlagValues:
-    # A private FlagValues: main.py imports this module beside the training flags, and
-    # tests call main() many times in one process.
-    fv = flags.FlagValues()
+def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("model_dir", None, "the training run's folder (holds export/)",
                         flag_values=fv)
     flags.DEFINE_enum("split", "test", SPLITS, "which split to evaluate (validation: runs "
@@ -455,31 +452,21 @@ def _flag_values() -> flags.FlagValues:
     for name in ("train_subset", "test_subset", "synthetic_train_size", "synthetic_test_size",
                  "seed"):
         flags.DEFINE_integer(name, None, f"as the training flag --{name}", flag_values=fv)
-    return fv
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    try:
-        fv = _flag_values()
-        rest = cli.parse_flags(fv, argv, __doc__)
-        if len(rest) > 1:
-            raise ConfigError(f"unexpected arguments: {' '.join(rest[1:])}")
-        model_dir = os.path.expanduser(fv.model_dir or "")
-        exported_model_path(model_dir)  # fail fast, before the data load
-        owner = preflight.lock_owner(model_dir)
-        if owner is not None:
-            # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
-            raise ConfigError(f"--model_dir={model_dir} is in use by a run still training "
-                              f"(pid {owner}); evaluate it when that run has finished")
-        cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
-        metrics = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta,
-                                     top_k=fv.top_k, batch_size=fv.eval_batch_size,
-                                     output_dir=fv.output_dir, plots=fv.plots)
-    except UserError as e:
-        print(f"cifar_dist: error: {e}", file=sys.stderr)
-        return e.exit_code
-    m = metrics
+def evaluate_command(fv, args) -> int:
+    cli.no_positional_args(args)
+    model_dir = os.path.expanduser(fv.model_dir or "")
+    exported_model_path(model_dir)  # fail fast, before the data load
+    owner = preflight.lock_owner(model_dir)
+    if owner is not None:
+        # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
+        raise ConfigError(f"--model_dir={model_dir} is in use by a run still training "
+                          f"(pid {owner}); evaluate it when that run has finished")
+    cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
+    m = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta, top_k=fv.top_k,
+                           batch_size=fv.eval_batch_size, output_dir=fv.output_dir,
+                           plots=fv.plots)
     line = (f"{m['split']}_accuracy={m['accuracy']:.4f} (+/- {m['accuracy_standard_error']:.4f} "
             f"standard error, {m['examples']} images) loss={m['loss']:.4f} "
             f"top{m['top_k']}_accuracy={m['top_k_accuracy']:.4f}")
@@ -487,6 +474,11 @@ def main(argv) -> int:
         line += f" tta_accuracy={m['tta']['accuracy']:.4f}"
     print(f"{line} eval_dir={m['eval_dir']}")
     return 0
+
+
+def main(argv) -> int:
+    """Runs the command for argv (program name first); returns the exit status."""
+    return cli.run_command(argv, __doc__, define_flags, evaluate_command)
 
 
 def run():

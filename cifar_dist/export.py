@@ -383,35 +383,27 @@ def load_exported(path: str) -> ExportedModel:
 
 # --------------------------------------------------------------------------- command line
 
-def _flag_values() -> flags.FlagValues:
-    # A private FlagValues: importing this module (as main.py does) defines no global flags,
-    # and tests can call main() repeatedly in one process.
-    fv = flags.FlagValues()
+def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("model_dir", None, "training model_dir (config.json, checkpoints/)",
                         flag_values=fv)
     flags.DEFINE_string("checkpoint", "", "checkpoint prefix to export (default: the newest in "
                         "model_dir/checkpoints)", flag_values=fv)
     flags.DEFINE_string("export_dir", "", "where to write (default: model_dir/export, replaced)",
                         flag_values=fv)
-    return fv
+
+
+def export_command(fv, args) -> int:
+    cli.no_positional_args(args)
+    if not fv.model_dir:
+        raise UserError("--model_dir is required (the training run to export)")
+    out = export_from_checkpoint(os.path.expanduser(fv.model_dir), fv.export_dir, fv.checkpoint)
+    print(f"exported {out}")
+    return 0
 
 
 def main(argv) -> int:
     """Runs the command for argv (program name first); returns the exit status."""
-    try:
-        fv = _flag_values()
-        rest = cli.parse_flags(fv, argv, __doc__)
-        if len(rest) > 1:
-            raise UserError(f"unexpected arguments: {' '.join(rest[1:])}")
-        if not fv.model_dir:
-            raise UserError("--model_dir is required (the training run to export)")
-        out = export_from_checkpoint(os.path.expanduser(fv.model_dir), fv.export_dir,
-                                     fv.checkpoint)
-    except UserError as e:
-        print(f"cifar_dist: error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"exported {out}")
-    return 0
+    return cli.run_command(argv, __doc__, define_flags, export_command)
 
 
 def run():

@@ -1,17 +1,18 @@
-"""Command line: train, evaluate and export.
+"""The train command: train, evaluate and export.
 
-    python -m cifar_dist.main                                 # the seed recipe (configs/seed.cfg)
-    python -m cifar_dist.main --flagfile=configs/smoke.cfg \
+    python -m cifar_dist train                                # the seed recipe (configs/seed.cfg)
+    python -m cifar_dist train --flagfile=configs/smoke.cfg \
         [--model_dir=/tmp/run] [--data_dir=/path/to/cifar10] [--strategy=mirrored --num_cpu_devices=2]
 
-Without --model_dir a run writes to runs/<UTC time>; without --data_dir CIFAR-10 is found
-or downloaded (README, "Data sources").
+`python -m cifar_dist.main` and `cifar-dist-train` are the same command. Without
+--model_dir a run writes to runs/<UTC time>; without --data_dir CIFAR-10 is found or
+downloaded (README, "Data sources").
 
 Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 3 another worker
-died or stalled (restart the group; it resumes); 4 the loss
-diverged (last good checkpoint kept); 75 stopped by a signal with a checkpoint in model_dir
-(rerun the same command to resume, or to finish the export); 76 stopped by a signal before
-any checkpoint existed (nothing to resume).
+died or stalled (restart the group; it resumes); 4 the loss diverged (last good checkpoint
+kept); 75 stopped by a signal with a checkpoint in model_dir (rerun the same command to
+resume, or to finish the export); 76 stopped by a signal before any checkpoint existed
+(nothing to resume).
 """
 
 from __future__ import annotations
@@ -19,16 +20,11 @@ from __future__ import annotations
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+from absl import logging
 
-from absl import app, flags, logging  # noqa: E402
-
-from cifar_dist import config as config_lib  # noqa: E402
-from cifar_dist.errors import Interrupted, PeerLost, Preempted, TrainingDiverged, \
-    UserError  # noqa: E402
-
-config_lib.define_flags()
-FLAGS = flags.FLAGS
+from cifar_dist import cli
+from cifar_dist import config as config_lib
+from cifar_dist.errors import PeerLost, UserError
 
 
 def train_main(cfg) -> dict:
@@ -100,33 +96,24 @@ def train_with_peer_errors(cfg) -> dict:
                        "restart every worker: they resume from the last checkpoint") from None
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        cfg = config_lib.from_flags()
-        metrics = train_with_peer_errors(cfg)
-    except (UserError, TrainingDiverged, Preempted, PeerLost, Interrupted) as e:
-        print(f"cifar_dist: error: {e}" if isinstance(e, UserError) else f"cifar_dist: {e}",
-              file=sys.stderr)
-        sys.exit(e.exit_code)
+def train_command(fv, args) -> int:
+    cli.no_positional_args(args)
+    cfg = config_lib.from_flags(fv)
+    metrics = train_with_peer_errors(cfg)
     print(f"test_accuracy={metrics['test_accuracy']:.4f} test_loss={metrics['test_loss']:.4f} "
           f"images_per_second={metrics['images_per_second']:.1f} "
           f"wall_seconds={metrics['wall_seconds']:.0f} model_dir={cfg.model_dir}")
+    return 0
 
 
-def parse_flags(argv):
-    """absl exits 1 on a bad flag; we promise exit status 2 and one line."""
-    try:
-        return FLAGS(argv)
-    except flags.Error as e:
-        print(f"cifar_dist: error: {e}", file=sys.stderr)
-        sys.exit(2)
+def main(argv) -> int:
+    """Runs the command for argv (program name first); returns the exit status."""
+    return cli.run_command(argv, __doc__, config_lib.define_flags, train_command)
 
 
 def run():
-    """Console-script entry point."""
-    app.run(main, flags_parser=parse_flags)
+    """Console-script entry point (cifar-dist-train)."""
+    sys.exit(main(sys.argv))
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from absl import flags  # noqa: E402
 
 from cifar_dist import cli  # noqa: E402
 from cifar_dist import images as images_lib  # noqa: E402
-from cifar_dist.errors import ConfigError, UserError, printable  # noqa: E402
+from cifar_dist.errors import ConfigError, printable  # noqa: E402
 from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
@@ -113,15 +113,12 @@ def predict_files(model, files, batch_size: int = 256):
 
 # --------------------------------------------------------------------------- command line
 
-def _flag_values() -> flags.FlagValues:
-    # A private FlagValues: tests call main() many times in one process.
-    fv = flags.FlagValues()
+def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("model", "", "export folder, training model_dir, model.keras or "
                         "SavedModel folder (default: the model shipped in the package)",
                         flag_values=fv)
     flags.DEFINE_string("output", "", "CSV file to write (default: stdout)", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "images per inference batch", flag_values=fv)
-    return fv
 
 
 def _check_output(path: str) -> None:
@@ -134,24 +131,17 @@ def _check_output(path: str) -> None:
         raise ConfigError(f"--output={path}: {parent} is not a writable folder")
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    try:
-        fv = _flag_values()
-        paths = cli.parse_flags(fv, argv, __doc__)[1:]
-        if not paths:
-            raise ConfigError("give at least one image file or folder to classify")
-        if fv.batch_size < 1:
-            raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
-        _check_output(fv.output)
-        model_path = os.path.expanduser(fv.model) if fv.model else default_model()
-        if not os.path.exists(model_path):
-            raise ModelError(f"--model={model_path}: no such file or folder")
-        from cifar_dist.export import load_exported  # noqa: PLC0415 (imports TensorFlow)
-        model = load_exported(model_path)
-    except UserError as e:
-        print(f"cifar_dist: error: {e}", file=sys.stderr)
-        return e.exit_code
+def predict_command(fv, paths) -> int:
+    if not paths:
+        raise ConfigError("give at least one image file or folder to classify")
+    if fv.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
+    _check_output(fv.output)
+    model_path = os.path.expanduser(fv.model) if fv.model else default_model()
+    if not os.path.exists(model_path):
+        raise ModelError(f"--model={model_path}: no such file or folder")
+    from cifar_dist.export import load_exported  # noqa: PLC0415 (imports TensorFlow)
+    model = load_exported(model_path)
 
     files, failures = expand_paths(paths)
     for result in failures:  # paths that gave no files at all
@@ -198,6 +188,11 @@ def main(argv) -> int:
               f"{ok} classified", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv) -> int:
+    """Runs the command for argv (program name first); returns the exit status."""
+    return cli.run_command(argv, __doc__, define_flags, predict_command)
 
 
 def run():

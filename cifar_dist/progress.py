@@ -1,5 +1,5 @@
-"""Training progress: images per second with the clock stopped outside training, and a
-one-line progress bar on a terminal (plain log lines otherwise).
+"""Training progress: images per second with the clock stopped outside training, a
+one-line progress bar on a terminal (plain log lines otherwise), and the profiler window.
 
 Not keras.utils.Progbar: it prints per-sample averages of the values it is given, while the
 loop reports windows of many steps read from the device at once; the bar here is a few lines.
@@ -82,3 +82,39 @@ class Progress:
         if self.enabled and self.tty:
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+class ProfilerWindow:
+    """--profile_steps=A,B: a TensorFlow profiler trace of training steps A to B (1-based,
+    inclusive) into logdir (model_dir/tensorboard), which TensorBoard's Profile tab reads.
+
+    The loop's calls end at step A-1 and at step B (train.call_end), so the trace holds
+    exactly those steps; a resumed run traces the part of A..B it still runs. The profiler
+    is TensorFlow's own (tf.profiler.experimental), as Keras' TensorBoard(profile_batch=)
+    uses it; this class only decides when it starts and stops."""
+
+    def __init__(self, steps: tuple[int, int] | None, logdir: str, enabled: bool):
+        self.first, self.last = steps or (0, -1)
+        self.logdir, self.enabled, self.active = logdir, enabled and steps is not None, False
+
+    def before_call(self, step: int) -> None:
+        """step: the steps done so far; the call about to run starts with step + 1."""
+        if self.enabled and not self.active and self.first <= step + 1 <= self.last:
+            import tensorflow as tf  # noqa: PLC0415
+
+            tf.profiler.experimental.start(self.logdir)
+            self.active = True
+            logging.info("profiling steps %d to %d into %s", step + 1, self.last, self.logdir)
+
+    def after_call(self, step: int) -> None:
+        if self.active and step >= self.last:
+            self.close()
+            logging.info("profiler trace written (TensorBoard --logdir=%s, Profile tab)",
+                         self.logdir)
+
+    def close(self) -> None:
+        if self.active:
+            import tensorflow as tf  # noqa: PLC0415
+
+            self.active = False
+            tf.profiler.experimental.stop()

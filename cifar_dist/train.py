@@ -14,8 +14,10 @@ call never spans an epoch and the data order of an epoch is fixed when the call 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
+import signal
 import tempfile
 
 import keras
@@ -28,7 +30,7 @@ from cifar_dist import steps as steps_lib
 from cifar_dist.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
 from cifar_dist.model import build_model, train_flops_per_image, trainable_param_count
 from cifar_dist.optimizer import make_update
-from cifar_dist.progress import Progress, Throughput
+from cifar_dist.progress import ProfilerWindow, Progress, Throughput
 from cifar_dist.run_dir import RunDir
 from cifar_dist.signals import StopRequest
 from cifar_dist.steps import COUNT, CORRECT, LEARNING_RATE, LOSS_SUM, NONFINITE, \
@@ -57,11 +59,13 @@ def resolve_data_on_device(value: str, split) -> bool:
 
 
 def call_end(step: int, *, total_steps: int, steps_per_epoch: int, steps_per_loop: int,
-             log_steps: int, checkpoint_steps: int = 0) -> int:
+             log_steps: int, checkpoint_steps: int = 0,
+             profile: tuple[int, int] | None = None) -> int:
     """Where the call starting at `step` ends: the next event, at most steps_per_loop on.
 
-    Events: a log line, a checkpoint, an epoch end, the last step. A pure function of the
-    step, so every worker makes the same calls (their collectives stay in lockstep).
+    Events: a log line, a checkpoint, an epoch end, the last step, and the edges of the
+    profiled steps (A-1 and B of --profile_steps=A,B). A pure function of the step and the
+    flags, so every worker makes the same calls (their collectives stay in lockstep).
     """
     def next_multiple(every):
         return (step // every + 1) * every
@@ -70,6 +74,8 @@ def call_end(step: int, *, total_steps: int, steps_per_epoch: int, steps_per_loo
             next_multiple(log_steps)]
     if checkpoint_steps:
         ends.append(next_multiple(checkpoint_steps))
+    if profile:
+        ends += [edge for edge in (profile[0] - 1, profile[1]) if edge > step]
     return min(ends)
 
 
@@ -225,7 +231,8 @@ class Trainer:
     def loop_end(self, step: int) -> int:
         return call_end(step, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch,
                         steps_per_loop=self.steps_per_loop, log_steps=self.cfg.log_steps,
-                        checkpoint_steps=self.cfg.checkpoint_steps)
+                        checkpoint_steps=self.cfg.checkpoint_steps,
+                        profile=self.cfg.profile_range)
 
     def run(self, stop: StopRequest | None = None) -> dict:
         """Trains to the end. `stop`: a StopRequest installed earlier (main installs one at
@@ -269,15 +276,18 @@ class Trainer:
         # Throughput counts training time only: evaluation and checkpoint time is excluded
         # (the clock restarts after them); XLA compilation in the first call is included.
         clock = Throughput(cfg.batch_size, start_step)
+        profiler = ProfilerWindow(cfg.profile_range, self.run_dir.tensorboard, enabled=chief)
         epoch_stats = np.zeros(SUMMED)
         step = start_step
-        with writer.as_default(), self.stop.deferring():
+        with writer.as_default(), self.stop.deferring(), contextlib.closing(profiler):
             while step < self.total_steps:
                 end = self.loop_end(step)
                 stop_asked = self.stop.signal is not None
+                profiler.before_call(step)
                 window = self.steps.run(self._inputs(step, iterator), end - step, stop_asked)
                 window = window.numpy()  # the one host read per call: waits for the device
                 step = end
+                profiler.after_call(step)
                 clock.stop(step)
                 epoch_stats += window[:SUMMED]
                 if window[NONFINITE] and cfg.dtype != "float16":
@@ -291,7 +301,9 @@ class Trainer:
                 if window[STOP] > 0 or (stop_asked and self.cluster.num_workers == 1):
                     self.save()
                     progress.close()
-                    raise Preempted(f"stopped by a signal at step {step}; checkpoint saved in "
+                    source = (signal.Signals(self.stop.signal).name if stop_asked
+                              else "a signal to another worker")
+                    raise Preempted(f"stopped by {source} at step {step}; checkpoint saved in "
                                     f"{self.ckpt_dir}: rerun the same command to resume")
                 if epoch_end:
                     epoch = math.ceil(step / self.steps_per_epoch)

@@ -63,6 +63,13 @@ def test_calls_end_at_every_event_and_never_exceed_steps_per_loop():
                         log_steps=100, checkpoint_steps=10)
         ends.append(step)
     assert ends == [7, 10, 16, 20, 27, 30, 32, 39, 40]
+    # --profile_steps=23,35: calls also end after step 22 and at step 35
+    ends, step = [], 0
+    while step < 40:
+        step = call_end(step, steps_per_loop=100, total_steps=40, steps_per_epoch=40,
+                        log_steps=100, profile=(23, 35))
+        ends.append(step)
+    assert ends == [22, 35, 40]
 
 
 def test_steps_per_loop_auto_depends_on_the_device():
@@ -89,6 +96,9 @@ def test_data_on_device_true_refuses_a_split_over_the_limit():
     ("--steps_per_loop=-5", "--steps_per_loop='-5' must be 'auto' or a positive number"),
     ("--steps_per_loop=many", "must be 'auto' or a positive number"),
     ("--data_on_device=yes", "--data_on_device='yes' is not one of auto, true, false"),
+    ("--profile_steps=5,3", "--profile_steps='5,3' must be A,B"),
+    ("--profile_steps=0,2", "--profile_steps='0,2' must be A,B"),
+    ("--profile_steps=a", "--profile_steps='a' must be A,B"),
 ])
 def test_bad_loop_flags_are_one_line_and_exit_2(tmp_path, flag, message):
     result = run_module("cifar_dist.main", *TINY_SYNTHETIC, "--train_steps=2", flag,
@@ -118,3 +128,15 @@ def test_call_length_and_data_path_do_not_change_the_weights(tmp_path):
     assert a.keys() == b.keys() and any("velocities" in k for k in a)
     different = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not different, different[:5]
+
+
+@pytest.mark.slow
+def test_profile_steps_write_a_trace_tensorboard_reads(tmp_path):
+    """--profile_steps=3,4: a profiler trace (plugins/profile/<run>/*.xplane.pb, what the
+    Profile tab reads) in model_dir/tensorboard, made by calls that end at steps 2 and 4."""
+    result = run_module("cifar_dist.main", *TINY_SYNTHETIC, "--train_steps=6", "--log_steps=6",
+                        "--profile_steps=3,4", f"--model_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "profiling steps 3 to 4" in result.stderr and "profiler trace written" in result.stderr
+    traces = list((tmp_path / "tensorboard" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000, traces

@@ -179,7 +179,8 @@ def test_preemption_signal_checkpoints_requeues_and_resumes(submit, tmp_path):
         job.fail("expected one requeue and then completion")
     first, second = log.split("(restart 1)", 1)
     stopped = {int(t): int(s) for t, s in re.findall(
-        r"^(\d): cifar_dist: stopped by a signal at step (\d+)", first, re.M)}
+        r"^(\d): cifar_dist: stopped by (?:SIG\w+|a signal to another worker) at step (\d+)",
+        first, re.M)}
     resumed = {int(t): int(s) for t, s in re.findall(
         r"^(\d): .*resumed from \S+ at step (\d+)", second, re.M)}
     assert set(stopped) == {0, 1} and len(set(stopped.values())) == 1, first
