@@ -57,6 +57,7 @@ class Config:
     warmup_fraction: float = 0.15
     weight_decay: float = 0.2
     label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # 0 = off
     lr_scaling: str = "none"
     base_batch_size: int = 256
     seed: int = 0
@@ -170,6 +171,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"--label_smoothing must be in [0, 1), got {cfg.label_smoothing}")
     if not 0 <= cfg.warmup_fraction < 1:
         raise ConfigError(f"--warmup_fraction must be in [0, 1), got {cfg.warmup_fraction}")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ConfigError(f"--ema_decay must be in [0, 1) (0 = off), got {cfg.ema_decay}")
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"--momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.dataset == "folder" and not cfg.data_dir:
@@ -228,6 +231,9 @@ def define_flags(flag_values=None) -> None:
         "schedule": "onecycle (linear warmup then linear decay to 0), cosine (warmup then cosine), constant",
         "warmup_fraction": "fraction of all steps spent warming the learning rate up from 0",
         "weight_decay": "decoupled weight decay (not applied to biases and BatchNorm)",
+        "ema_decay": "exponential moving average of the weights (0 = off), updated in the "
+                     "compiled step with a warm-up, min(decay, (1 + t) / (10 + t)) at step t; "
+                     "evaluation and export then use the averaged weights",
         "label_smoothing": "label smoothing of the categorical cross-entropy",
         "lr_scaling": "how the peak learning rate scales when --batch_size differs from "
                       "--base_batch_size: none, linear (Goyal et al.) or sqrt",

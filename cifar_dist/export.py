@@ -171,7 +171,7 @@ def model_from_checkpoint(model_dir: str, checkpoint: str = "") -> tuple:
         model = build_model(saved["model"], len(saved["class_names"]), "float32")
     except ValueError as e:
         raise ModelError(f"{model_dir}/config.json: {e}") from None
-    reason = _restore(model, path)
+    reason = _restore(model, path, averaged=bool(saved.get("ema_decay")))
     if reason:
         # A restore that failed half-way leaves deferred restorations behind, whose
         # deleters log ~30 "unrestored values" warnings when collected, i.e. after our
@@ -197,8 +197,10 @@ def _tf_warnings_silenced():
         logger.setLevel(level)
 
 
-def _restore(model, path: str) -> str:
+def _restore(model, path: str, averaged: bool = False) -> str:
     """Restores the model's variables from the checkpoint; "" or why they do not fit.
+    averaged (a run with --ema_decay): the trainable weights are then the moving averages
+    the checkpoint keeps beside them, as the training run exported them.
     Returns (not raises) so that no traceback keeps the failed restore alive."""
     import tensorflow as tf  # noqa: PLC0415
 
@@ -208,6 +210,15 @@ def _restore(model, path: str) -> str:
             # but every model variable must come from it, or the export would be half random.
             status = tf.train.Checkpoint(model=model).restore(path).expect_partial()
             status.assert_existing_objects_matched()
+            if averaged:
+                # The same object path as optimizer.Update's list: optimizer/averages/<i>.
+                holder = tf.Module()
+                holder.averages = [tf.Variable(tf.zeros(v.shape, v.dtype))
+                                   for v in model.trainable_variables]
+                tf.train.Checkpoint(optimizer=holder).restore(path).expect_partial() \
+                    .assert_existing_objects_matched()
+                for var, average in zip(model.trainable_variables, holder.averages):
+                    var.assign(average)
             return ""
         except (tf.errors.OpError, AssertionError, ValueError) as e:
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__

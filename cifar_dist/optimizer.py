@@ -70,14 +70,22 @@ def _slot(variable, what: str) -> tf.Variable:
                        name=f"{variable.name}_{what}")
 
 
+# --ema_decay's warm-up: step t averages with min(decay, (1 + t) / (EMA_WARMUP + t)), the
+# num_updates rule of tf.train.ExponentialMovingAverage (Model Garden's dynamic_decay), so
+# the first steps' random weights fade out quickly in a short run.
+EMA_WARMUP = 10
+
+
 class Update(tf.Module):
-    """Optimizer state (checkpointed) and the update that SGD / Adam / AdamW would apply.
+    """Optimizer state (checkpointed) and the update that SGD / Adam / AdamW would apply,
+    with an optional exponential moving average of the weights (--ema_decay).
 
     Create it inside the strategy's scope, like the model: its variables are then mirrored.
     """
 
     def __init__(self, optimizer: str, schedule, variables, *, weight_decay: float = 0.0,
-                 momentum: float = 0.9, nesterov: bool = True, loss_scale: float | None = None):
+                 momentum: float = 0.9, nesterov: bool = True, loss_scale: float | None = None,
+                 ema_decay: float = 0.0):
         super().__init__(name="update")
         self.kind, self.schedule = optimizer, schedule
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
@@ -97,6 +105,10 @@ class Update(tf.Module):
             self.dynamic_scale = tf.Variable(float(loss_scale), dtype=tf.float32,
                                              trainable=False, name="dynamic_scale")
             self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="good_steps")
+        self.ema_decay = float(ema_decay)
+        self.averages = [tf.Variable(tf.convert_to_tensor(v), trainable=False,
+                                     name=f"{v.name}_average") for v in variables
+                         ] if ema_decay else []
 
     def learning_rate(self) -> tf.Tensor:
         return tf.cast(self.schedule(self.iterations), tf.float32)
@@ -114,6 +126,7 @@ class Update(tf.Module):
         if not self.loss_scaling:
             self._apply(grads, variables, lr, keep=None)
             self.iterations.assign_add(1)
+            self._average(variables, keep=None)
             return lr
         scale = self.dynamic_scale
         grads = [g / scale for g in grads]
@@ -122,7 +135,27 @@ class Update(tf.Module):
         self.dynamic_scale.assign(tf.where(finite, tf.where(grow, scale * 2.0, scale), scale * 0.5))
         self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, 0))
         self.iterations.assign_add(tf.cast(finite, tf.int64))
+        self._average(variables, keep=tf.logical_not(finite))
         return lr
+
+    def _average(self, variables, keep):
+        """The moving average of the weights after this step (a skipped step leaves it)."""
+        if not self.averages:
+            return
+        t = tf.cast(self.iterations, tf.float32)
+        decay = tf.minimum(self.ema_decay, (1.0 + t) / (EMA_WARMUP + t))
+        for average, var in zip(self.averages, variables):
+            value = average + (tf.convert_to_tensor(var) - average) * tf.cast(1 - decay,
+                                                                              average.dtype)
+            average.assign(value if keep is None else tf.where(keep, average, value))
+
+    def swap_averages(self, variables) -> None:
+        """Exchanges the weights' values with their averages (twice: back as they were), so
+        that evaluation and export see the averaged weights. Run per replica, as the update."""
+        for average, var in zip(self.averages, variables):
+            weights = tf.convert_to_tensor(var)
+            var.assign(tf.convert_to_tensor(average))
+            average.assign(weights)
 
     def _apply(self, grads, variables, lr, keep):
         def assign(var, value):
@@ -160,4 +193,5 @@ class Update(tf.Module):
 def make_update(cfg, total_steps: int, variables) -> Update:
     return Update(cfg.optimizer, make_schedule(cfg, total_steps), variables,
                   weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                  loss_scale=cfg.loss_scale if cfg.dtype == "float16" else None)
+                  loss_scale=cfg.loss_scale if cfg.dtype == "float16" else None,
+                  ema_decay=cfg.ema_decay)

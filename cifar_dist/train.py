@@ -86,8 +86,8 @@ def call_end(step: int, *, total_steps: int, steps_per_epoch: int, steps_per_loo
 SHAPING_FLAGS = ("dataset", "validation_size", "train_subset", "synthetic_train_size",
                  "augment", "model", "batch_size", "train_epochs", "train_steps", "optimizer",
                  "learning_rate", "momentum", "nesterov", "schedule", "warmup_fraction",
-                 "weight_decay", "label_smoothing", "lr_scaling", "base_batch_size", "seed",
-                 "dtype", "loss_scale", "sync_batch_norm")
+                 "weight_decay", "label_smoothing", "ema_decay", "lr_scaling",
+                 "base_batch_size", "seed", "dtype", "loss_scale", "sync_batch_norm")
 
 
 class Trainer:
@@ -129,6 +129,10 @@ class Trainer:
             steps_per_epoch=self.steps_per_epoch, global_step=self.global_step,
             skipped_steps=self.skipped_steps, window=window, device_data=self.device_data)
         self.eval_steps = steps_lib.EvalSteps(cfg, strategy, self.model, bundle.num_classes)
+        if self.update.averages:
+            # Per replica (each swaps its own copies), nested like the update's functions.
+            swap = tf.function(lambda: self.update.swap_averages(self.model.trainable_variables))
+            self._swap_averages = tf.function(lambda: strategy.run(swap))
         self.finished_record = None  # a finished run's metrics.json, when rerun unchanged
 
     # ------------------------------------------------------------------ data
@@ -169,6 +173,20 @@ class Trainer:
             total += self.eval_steps.eval_step(iterator).numpy()
         return {"loss": total[0] / total[2], "accuracy": total[1] / total[2],
                 "examples": int(total[2])}
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With --ema_decay the model holds the averaged weights inside the block (what
+        evaluation and export use), its trained weights again after it; else a no-op.
+        Checkpoints are never written inside: they keep both, each in its own place."""
+        if not self.update.averages:
+            yield
+            return
+        self._swap_averages()
+        try:
+            yield
+        finally:
+            self._swap_averages()
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -341,7 +359,8 @@ class Trainer:
                "skipped_steps": int(self.skipped_steps.numpy())}
         if not self.cfg.skip_eval:
             name = self.bundle.eval_split_name
-            result = self.evaluate(self.bundle.eval_split)
+            with self.averaged_weights():
+                result = self.evaluate(self.bundle.eval_split)
             row[f"{name}_loss"], row[f"{name}_accuracy"] = result["loss"], result["accuracy"]
             tf.summary.scalar(f"{name}/accuracy", result["accuracy"], step)
             tf.summary.scalar(f"{name}/loss", result["loss"], step)
@@ -351,7 +370,10 @@ class Trainer:
 
     def _finish(self, start_step, clock, history) -> dict:
         self.eval_steps.sync_moving_stats()
-        test = self.evaluate(self.bundle.test)
+        with self.averaged_weights():
+            test = self.evaluate(self.bundle.test)
+            val = (self.evaluate(self.bundle.validation)
+                   if self.bundle.validation is not None else None)
         flops = train_flops_per_image(self.model)
         metrics = {
             "test_accuracy": test["accuracy"], "test_loss": test["loss"],
@@ -371,8 +393,7 @@ class Trainer:
             "data_source": self.bundle.source,
             "config": self.cfg.to_dict(),
         }
-        if self.bundle.validation is not None:
-            val = self.evaluate(self.bundle.validation)
+        if val is not None:
             metrics["validation_accuracy"], metrics["validation_loss"] = val["accuracy"], val["loss"]
         if history:
             metrics["history"] = history
