@@ -90,6 +90,19 @@ SHAPING_FLAGS = ("dataset", "validation_size", "train_subset", "synthetic_train_
                  "base_batch_size", "seed", "dtype", "loss_scale", "sync_batch_norm")
 
 
+def history_rate(history, batch_size: int) -> float:
+    """Training images/s over history.csv's epochs: the figure of a finished run whose
+    metrics.json was deleted and is written again (no step runs in this process)."""
+    images = seconds = 0.0
+    previous = 0
+    for row in history:
+        n = (row["step"] - previous) * batch_size
+        previous = row["step"]
+        if row.get("images_per_second", 0) > 0:
+            images, seconds = images + n, seconds + n / row["images_per_second"]
+    return images / seconds if seconds else 0.0
+
+
 class Trainer:
     """Builds model, update, counters and compiled steps under a strategy, and runs the loop."""
 
@@ -381,7 +394,8 @@ class Trainer:
             "epochs": self.total_steps / self.steps_per_epoch, "steps": self.total_steps,
             "steps_this_run": self.total_steps - start_step,
             # training images / training seconds of this run (no evaluation, no checkpoints)
-            "images_per_second": clock.total_rate(),
+            "images_per_second": clock.total_rate() if self.total_steps > start_step
+                                 else history_rate(history, self.cfg.batch_size),
             "train_seconds": clock.train_seconds,
             "wall_seconds": clock.wall_seconds(),
             "trainable_params": trainable_param_count(self.model),

@@ -60,6 +60,38 @@ def test_a_finished_run_rerun_keeps_its_record_and_completes_what_is_missing(
     assert (model_dir / "export" / "saved_model" / "saved_model.pb").is_file()  # was missing
 
 
+def test_a_finished_run_whose_metrics_were_deleted_gets_them_back_from_its_history(
+        finished_run, tmp_path):
+    import csv
+    import json
+    import shutil
+
+    from cifar_dist.train import history_rate
+
+    model_dir = tmp_path / "run"
+    shutil.copytree(finished_run, model_dir)
+    old = json.loads((model_dir / "metrics.json").read_text())
+    (model_dir / "metrics.json").unlink()
+    result = run_module("cifar_dist.main", *FINISHED, f"--model_dir={model_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    new = json.loads((model_dir / "metrics.json").read_text())
+    assert new["steps_this_run"] == 0 and new["steps"] == old["steps"]
+    assert new["test_accuracy"] == old["test_accuracy"]  # the same weights, evaluated again
+    with open(model_dir / "history.csv", newline="") as f:
+        rows = [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+    assert new["images_per_second"] == pytest.approx(history_rate(rows, 64)) and \
+        new["images_per_second"] > 0  # not the 0 img/s of a process that trained nothing
+
+
+def test_history_rate_weights_each_epoch_by_its_steps():
+    from cifar_dist.train import history_rate
+
+    rows = [{"step": 10, "images_per_second": 100.0}, {"step": 30, "images_per_second": 200.0}]
+    # 10 steps x 4 images at 100/s (0.4 s) + 20 x 4 at 200/s (0.4 s): 120 images in 0.8 s
+    assert history_rate(rows, 4) == pytest.approx(150.0)
+    assert history_rate([], 4) == 0.0
+
+
 def start(args):
     return subprocess.Popen([sys.executable, "-m", "cifar_dist.main", *args], cwd=REPO,
                             env=env_for_subprocess(), stdout=subprocess.PIPE,
