@@ -75,6 +75,7 @@ class Config:
     cluster: str = "auto"
     all_reduce: str = "auto"
     collective_timeout: float = 300.0
+    startup_timeout: float = 600.0
     sync_batch_norm: bool = False
     # output
     model_dir: str = ""  # from_flags: runs/<UTC time> when not given
@@ -152,7 +153,7 @@ def validate(cfg: Config) -> None:
     positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
                 "log_steps": cfg.log_steps, "keep_checkpoints": cfg.keep_checkpoints,
                 "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout,
-                "loss_scale": cfg.loss_scale}
+                "startup_timeout": cfg.startup_timeout, "loss_scale": cfg.loss_scale}
     for name, value in positive.items():
         if not value > 0:
             raise ConfigError(f"--{name} must be > 0, got {value}")
@@ -255,6 +256,9 @@ def define_flags(flag_values=None) -> None:
         "cluster": "multi_worker: where the cluster comes from: auto (TF_CONFIG, else SLURM), tf_config, slurm",
         "all_reduce": "cross-device all-reduce: auto (NCCL on GPUs, ring otherwise), ring, nccl",
         "collective_timeout": "seconds any collective may wait for a peer before the run fails",
+        "startup_timeout": "multi_worker: seconds a worker waits at start-up for every other "
+                           "worker of the cluster to start; then it ends with exit status 3, "
+                           "naming the workers that never came",
         "sync_batch_norm": "synchronise BatchNorm batch statistics across all replicas",
         "model_dir": "where checkpoints, logs, metrics.json and the exported model go "
                      "(default: runs/<UTC time> in the current folder; required with "

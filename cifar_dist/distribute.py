@@ -16,13 +16,15 @@ import itertools
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
 
 import tensorflow as tf
 from absl import logging
 
-from cifar_dist import preflight
-from cifar_dist.errors import ClusterError, ConfigError
+from cifar_dist import preflight, signals
+from cifar_dist.errors import ClusterError, ConfigError, PeersMissing, printable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +171,139 @@ def cluster_resolver(cfg):
     return slurm_resolver()
 
 
+# --------------------------------------------------------------------------- start-up wait
+#
+# Creating MultiWorkerMirroredStrategy blocks inside one TensorFlow call (starting the
+# server, registering with the coordination service, a barrier of all workers) that holds
+# the GIL: no Python signal handler, watchdog thread or timer runs until it returns, and it
+# replaces the SIGTERM handler. So a worker first waits for the others here, in Python,
+# where a signal ends the wait at once and a deadline bounds it; TensorFlow's own wait
+# that follows is then short, and bounded by the same timeout (see BUILD_NOTES.md,
+# "Start-up: waiting for the workers").
+
+POLL_SECONDS = 0.5  # between rounds of probes, and the connect timeout of each probe
+REMIND_SECONDS = 60.0  # a "still waiting" line this often
+NAMES_SHOWN = 8  # workers named in one line; more are counted
+
+
+def cluster_tasks(spec: dict) -> list:
+    """(job, index, "host:port") of every task of a ClusterSpec.as_dict(), chief first."""
+    tasks = []
+    for job in sorted(spec, key=lambda name: name != "chief"):
+        hosts = spec[job]
+        pairs = sorted(hosts.items()) if isinstance(hosts, dict) else enumerate(hosts)
+        tasks += [(job, int(i), address) for i, address in pairs]
+    return tasks
+
+
+def describe(tasks) -> str:
+    """worker 1 (host:23456), worker 2 (...) [and N more]: one printable line."""
+    names = [f"{job} {i} ({printable(address)})" for job, i, address in tasks]
+    more = f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else ""
+    return ", ".join(names[:NAMES_SHOWN]) + more
+
+
+def answers(address: str, timeout: float) -> bool:
+    """Whether something accepts TCP connections at host:port (a worker that has started:
+    it listens on its port, in wait_for_workers and then as TensorFlow's server)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _listen(port: int) -> socket.socket:
+    """This worker's own port, held open while it waits so the others can see it started."""
+    dual = socket.has_dualstack_ipv6()  # peers may reach this host over IPv4 or IPv6
+    try:
+        listener = socket.create_server(("", port), family=socket.AF_INET6 if dual
+                                        else socket.AF_INET, dualstack_ipv6=dual, backlog=64)
+    except OSError as e:
+        raise ClusterError(f"this worker cannot listen on its port {port} ({e.strerror}): "
+                           "another process holds it?") from None
+    listener.setblocking(False)
+    return listener
+
+
+def _drain(listener: socket.socket) -> None:
+    """Accepts and closes the peers' probes, so the backlog never fills up."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        conn.close()
+
+
+def wait_for_workers(tasks, me, timeout: float) -> None:
+    """Returns when every task other than `me` (job, index) has been seen listening on its
+    port; raises PeersMissing, naming the rest, after `timeout` seconds.
+
+    Each worker listens on its own port meanwhile, so the others see it; a worker that has
+    seen everyone closes its port and hands it to TensorFlow's server, which answers the
+    probes of workers that have not finished waiting. A signal ends the wait within about
+    POLL_SECONDS (signals.current() raises Interrupted)."""
+    own = next(address for job, i, address in tasks if (job, i) == me)
+    missing = [t for t in tasks if t[:2] != me]
+    if not missing:
+        return
+    stop = signals.current()
+    deadline = time.monotonic() + timeout
+    logging.info("waiting up to %.0f s (--startup_timeout) for %d other worker(s) to start: "
+                 "%s", timeout, len(missing), describe(missing))
+    remind = time.monotonic() + REMIND_SECONDS
+    with _listen(int(own.rpartition(":")[2])) as listener:
+        while True:
+            still = []
+            for task in missing:  # seen once is enough: it is in this wait, or past it
+                if stop is not None:
+                    stop.check()
+                _drain(listener)
+                if not answers(task[2], POLL_SECONDS):
+                    still.append(task)
+            missing = still
+            if not missing:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                raise PeersMissing(
+                    f"{describe(missing)} did not start within --startup_timeout={timeout:g} s "
+                    "(nothing listens at its address): start every worker of the cluster "
+                    "(or fix its address), then rerun them all")
+            if now >= remind:
+                logging.info("still waiting for %s", describe(missing))
+                remind = now + REMIND_SECONDS
+            time.sleep(min(POLL_SECONDS, deadline - now))  # a signal's handler runs here
+    logging.info("every worker has started: forming the cluster")
+
+
+def _bound_tensorflow_wait(resolver, timeout: float) -> None:
+    """The backstop: TensorFlow's own registration waits at most `timeout` too.
+
+    MultiWorkerMirroredStrategy configures the coordination service itself, with no bound
+    on the leader's wait for the others (a barrier of one hour), unless one is configured
+    already: this is its configuration plus a registration barrier with a timeout. It
+    matters only if a worker dies between wait_for_workers and registering."""
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2  # noqa: PLC0415
+    from tensorflow.python.distribute import multi_worker_util  # noqa: PLC0415
+    from tensorflow.python.eager import context  # noqa: PLC0415
+
+    if context.context().coordination_service is not None:
+        return
+    spec = multi_worker_util.normalize_cluster_spec(resolver.cluster_spec())
+    context.context().configure_coordination_service(
+        service_type="standalone", service_leader=multi_worker_util.coordination_leader(spec),
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(
+            name=job, num_tasks=spec.num_tasks(job)) for job in ("chief", "worker")
+            if job in spec.jobs],
+        cluster_register_timeout_in_ms=int(timeout * 1000))
+    # Not a parameter of configure_coordination_service: without it the timeout bounds only
+    # the other workers' attempts to reach the leader, not the leader's wait for them.
+    context.context().coordination_service.cluster_register_with_barrier = True
+
+
 # --------------------------------------------------------------------------- strategies
 
 def _communication(cfg):
@@ -226,11 +361,13 @@ def make_strategy(cfg):
 
     # multi_worker
     resolver = cluster_resolver(cfg)
+    spec = resolver.cluster_spec().as_dict()
+    task_type, task_id = resolver.task_type, resolver.task_id
+    wait_for_workers(cluster_tasks(spec), (task_type, task_id), cfg.startup_timeout)
+    _bound_tensorflow_wait(resolver, cfg.startup_timeout)
     strategy = tf.distribute.MultiWorkerMirroredStrategy(
         cluster_resolver=resolver, communication_options=_communication(cfg))
-    spec = resolver.cluster_spec().as_dict()
-    workers = sum(len(v) if isinstance(v, list) else len(v.values()) for v in spec.values())
-    task_type, task_id = resolver.task_type, resolver.task_id
+    workers = len(cluster_tasks(spec))
     index = task_id + (1 if task_type == "worker" and "chief" in spec else 0)
     logging.info("MultiWorkerMirroredStrategy: %s:%d of %d workers", task_type, task_id, workers)
     return strategy, ClusterInfo(num_workers=workers, worker_index=index)

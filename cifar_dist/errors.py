@@ -89,6 +89,14 @@ class PeerLost(Exception):
     exit_code = 3
 
 
+class PeersMissing(PeerLost):
+    """Workers of the cluster never started within --startup_timeout (exit 3, as PeerLost:
+    the group must be started again as a whole). The text names the missing workers."""
+
+    def __str__(self):
+        return printable(super().__str__())  # addresses come from TF_CONFIG / SLURM
+
+
 class Preempted(Exception):
     """SIGTERM/SIGINT/SIGUSR1 arrived; a checkpoint was saved. Rerun the same command to resume."""
 

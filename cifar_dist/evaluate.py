@@ -17,7 +17,9 @@ Writes DIR/eval/ (replaced as a whole, atomically):
                              confidence,correct
   confusion_matrix.png, predictions.png (confident mistakes first), training_curves.png
 
-Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written); 75 (the run has
+checkpoints) or 76 (it has none): stopped by SIGTERM/SIGINT/SIGUSR1, one line on stderr,
+eval/ as it was before and no temporary folder left.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from absl import flags, logging  # noqa: E402
 
 from cifar_dist import cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
-from cifar_dist import preflight  # noqa: E402
+from cifar_dist import preflight, signals  # noqa: E402
 from cifar_dist.errors import ConfigError, DataError  # noqa: E402
 from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
 
@@ -345,8 +347,14 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     Config (data.load(cfg) is called), or None (the run's config.json). output_dir
     defaults to model_dir/eval. Returns the metrics written to output_dir/metrics.json,
     plus "eval_dir". Raises UserError subclasses for bad input, before writing anything.
+
+    Under a StopRequest (training's end, the evaluate command) a signal ends it at the next
+    check below (Interrupted) and output_dir is left as it was; the temporary folder is
+    removed then, or by the StopRequest's watchdog if a step hangs.
     """
     from cifar_dist import data  # noqa: PLC0415
+
+    stop = signals.current() or signals.StopRequest()  # none in force: checks never fire
 
     model_path = exported_model_path(model_dir)
     if split not in SPLITS:
@@ -359,6 +367,7 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     else:
         cfg = bundle_or_cfg if bundle_or_cfg is not None else config_from_model_dir(model_dir)
         bundle = data.load(cfg)
+    stop.check()
     chosen = select_split(bundle, split)
     if plots:
         read_history(model_dir)  # a damaged history.csv fails now, not after the metrics
@@ -371,6 +380,7 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     if tuple(model.class_names) != tuple(bundle.class_names):
         raise DataError(f"{model_path} was trained on classes {list(model.class_names)}, "
                         f"the data ({bundle.source}) has {list(bundle.class_names)}")
+    stop.check()
     class_names = list(bundle.class_names)
     labels, images = chosen.labels.astype(np.int64), chosen.images
     logging.info("evaluating %s on %d %s images of %s", model_path, len(labels), split,
@@ -387,11 +397,13 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     metrics["confusion_matrix"] = matrix.tolist()
     metrics["tta"] = summary_metrics(labels, flip_tta(model, images, batch_size), top_k) \
         if tta else None
+    stop.check()
 
     # A private temporary folder beside output_dir: two evaluations at once (or one
     # beside training's own) never write into or delete each other's.
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-",
                            dir=os.path.dirname(os.path.abspath(output_dir)))
+    stop.clean_up_on_exit(tmp)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700, else: a folder like any other
@@ -420,7 +432,8 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
         metrics["files"] = sorted(files)
         with open(os.path.join(tmp, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-    except BaseException:
+        stop.check()  # the last moment to stop: output_dir is replaced as a whole below
+    except BaseException:  # Interrupted included
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_folder(tmp, output_dir)
@@ -456,17 +469,22 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def evaluate_command(fv, args) -> int:
     cli.no_positional_args(args)
-    model_dir = os.path.expanduser(fv.model_dir or "")
-    exported_model_path(model_dir)  # fail fast, before the data load
-    owner = preflight.lock_owner(model_dir)
-    if owner is not None:
-        # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
-        raise ConfigError(f"--model_dir={model_dir} is in use by a run still training "
-                          f"(pid {owner}); evaluate it when that run has finished")
-    cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
-    m = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta, top_k=fv.top_k,
-                           batch_size=fv.eval_batch_size, output_dir=fv.output_dir,
-                           plots=fv.plots)
+    # From here on a signal ends the command within seconds with one line (signals.py).
+    with signals.StopRequest() as stop:
+        model_dir = os.path.expanduser(fv.model_dir or "")
+        exported_model_path(model_dir)  # fail fast, before the data load
+        stop.model_dir = model_dir  # a signal from now on: 75 when the run has checkpoints
+        owner = preflight.lock_owner(model_dir)
+        if owner is not None:
+            # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
+            raise ConfigError(f"--model_dir={model_dir} is in use by a run still training "
+                              f"(pid {owner}); evaluate it when that run has finished")
+        cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
+        stop.check()
+        m = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta, top_k=fv.top_k,
+                               batch_size=fv.eval_batch_size, output_dir=fv.output_dir,
+                               plots=fv.plots)
+        stop.check()  # a signal during the last step: stop, as training's end does
     line = (f"{m['split']}_accuracy={m['accuracy']:.4f} (+/- {m['accuracy_standard_error']:.4f} "
             f"standard error, {m['examples']} images) loss={m['loss']:.4f} "
             f"top{m['top_k']}_accuracy={m['top_k_accuracy']:.4f}")

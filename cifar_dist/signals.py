@@ -6,14 +6,17 @@ In every other phase (start-up, data loading, cluster forming, building, export,
 evaluation) the run checks the flag at each phase boundary (`stop.check()` raises
 `Interrupted`), and a watchdog thread started by the signal ends the process
 GRACE_SECONDS later if the main thread has not reached a boundary by then (stuck in a
-call that never returns: a cluster that never forms, a read that never ends), removing
-the temporary paths registered with `stop.clean_up_on_exit`. The handler never raises
-itself: an exception thrown into arbitrary library code (an `import tensorflow` half
-done) turns into some other error.
+call that never returns: a read that never ends), removing the temporary paths
+registered with `stop.clean_up_on_exit`. Neither helps inside a call that holds the GIL
+(no Python code runs at all): TensorFlow's cluster formation is one, so
+distribute.wait_for_workers waits for the other workers in Python first, checking
+`current()` as it polls. The handler never raises itself: an exception thrown into
+arbitrary library code (an `import tensorflow` half done) turns into some other error.
 
 main.py installs this before TensorFlow starts, and again after the strategy exists,
 because MultiWorkerMirroredStrategy installs a SIGTERM handler of its own that only
-records the signal.
+records the signal (a SIGTERM in the second or so that TensorFlow takes to form a cluster
+whose workers have all started is lost to it).
 
 Not tf.distribute.experimental.PreemptionCheckpointHandler: it checkpoints and exits on
 its own terms (its own checkpoint manager, exit code and platform-specific signal
@@ -36,6 +39,18 @@ from cifar_dist.errors import Interrupted
 GRACE_SECONDS = 10.0
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+# The StopRequests in force (`with StopRequest(...)`), innermost last: see current().
+_ACTIVE = []
+
+
+def current():
+    """The StopRequest in force, or None (a tool or test that installed none).
+
+    For code deep inside a phase (the wait for the cluster's workers, the evaluation's
+    temporary folder) that must honour a signal or register a path, without every caller
+    on the way (main, bench, evaluate, test helpers) passing the request down."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 class StopRequest:
@@ -107,11 +122,15 @@ class StopRequest:
 
     def __enter__(self):
         self._depth += 1
+        if self._depth == 1:
+            _ACTIVE.append(self)
         return self.install()
 
     def __exit__(self, *exc):
         self._depth -= 1
         if self._depth == 0:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             self._previous = {}

@@ -115,18 +115,94 @@ def test_a_signal_at_a_random_moment_of_start_up_ends_the_run_within_seconds(tmp
     assert not list(tmp_path.glob("**/*.tmp")), list(tmp_path.glob("**/*.tmp"))
 
 
+def wait_for_line(proc, text) -> str:
+    """Reads proc's output up to the line holding text (or its end); returns what it read."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            break
+    return "".join(seen)
+
+
+def temporaries(model_dir):
+    """export.tmp, eval's .eval.tmp-XXXX and .eval.old-XXXX: none may outlive a stop."""
+    return [p.name for p in model_dir.rglob("*") if ".tmp" in p.name or ".old-" in p.name]
+
+
+def assert_complete_or_absent(eval_dir):
+    """An evaluation folder is all there (it is replaced as a whole) or not there at all."""
+    if eval_dir.exists():
+        names = {p.name for p in eval_dir.iterdir()}
+        assert {"metrics.json", "predictions.csv", "classification_report.txt"} <= names, names
+
+
 @pytest.mark.slow
 def test_a_signal_during_export_leaves_no_half_export_and_exits_75(tmp_path):
     proc = start([*FINISHED, "--export=true", f"--model_dir={tmp_path}"])
-    for line in proc.stdout:
-        if "exporting into" in line:
-            break
+    out = wait_for_line(proc, "exporting into")
+    delay = random.Random().uniform(0.0, 0.6)  # the export takes about 1 s on 2 cores
+    time.sleep(delay)
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 75, out[-3000:]
+    out += proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, (delay, out[-3000:])
     lines = error_lines(out)
     assert len(lines) == 1 and "checkpoints in" in lines[0] and "rerun" in lines[0], out[-2000:]
-    assert not list(tmp_path.glob("*.tmp")), list(tmp_path.glob("*"))
+    assert not temporaries(tmp_path), (delay, temporaries(tmp_path))
+    assert_complete_or_absent(tmp_path / "eval")
     again = run_module("cifar_dist.main", *FINISHED, "--export=true", f"--model_dir={tmp_path}")
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "export" / "model.keras").is_file()
+
+
+@pytest.mark.slow
+def test_a_signal_during_the_final_evaluation_leaves_eval_as_it_was_and_exits_75(tmp_path):
+    proc = start([*FINISHED, "--export=true", f"--model_dir={tmp_path}"])
+    out = wait_for_line(proc, "] exported ")  # export done: the evaluation starts
+    delay = random.Random().uniform(0.0, 2.0)  # it takes about 2.5 s on 2 cores (plots)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out += proc.communicate(timeout=120)[0]
+    assert time.time() - sent < 15, f"signal at {delay:.1f} s took too long"
+    assert proc.returncode == 75, (delay, out[-3000:])
+    lines = error_lines(out)
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] \
+        and "checkpoints in" in lines[0], (delay, out[-2000:])
+    assert not temporaries(tmp_path), (delay, temporaries(tmp_path))
+    assert_complete_or_absent(tmp_path / "eval")
+    assert (tmp_path / "export" / "model.keras").is_file()  # the export before it is whole
+    # (that the same command then completes what is missing: the export test above)
+
+
+def handles(pid, sig) -> bool:
+    """Whether process pid has a handler for sig (Linux /proc: the SigCgt mask). Python
+    catches only SIGINT at start-up: SIGTERM caught means the command's own handler is in."""
+    with open(f"/proc/{pid}/status") as f:
+        mask = next(line.split()[1] for line in f if line.startswith("SigCgt:"))
+    return bool(int(mask, 16) >> (sig - 1) & 1)
+
+
+@pytest.mark.slow
+def test_a_signal_at_a_random_moment_of_the_evaluate_command(trained_run, tmp_path):
+    from conftest import copy_run
+
+    run = copy_run(trained_run, tmp_path / "run")  # without eval/
+    proc = subprocess.Popen([sys.executable, "-m", "cifar_dist.evaluate", f"--model_dir={run}"],
+                            cwd=REPO, env=env_for_subprocess(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while proc.poll() is None and not handles(proc.pid, signal.SIGTERM):
+        assert time.time() < deadline
+        time.sleep(0.02)
+    delay = random.Random().uniform(0.0, 4.0)  # the command takes about 10 s on 2 cores
+    time.sleep(delay)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.time()
+    out = proc.communicate(timeout=120)[0]
+    assert time.time() - sent < 15, f"signal at {delay:.1f} s took too long"
+    assert proc.returncode == 75, (delay, out[-3000:])  # the run has checkpoints
+    lines = error_lines(out)
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0], (delay, out[-2000:])
+    assert not temporaries(run), (delay, temporaries(run))
+    assert_complete_or_absent(run / "eval")
