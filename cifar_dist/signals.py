@@ -73,8 +73,7 @@ class StopRequest:
             yield self
         finally:
             self._deferring = False
-        if self.signal is not None:  # arrived in the loop's last moments: act on it now
-            raise Interrupted(self.signal, self.model_dir)
+        self.check()  # a signal in the loop's last moments: act on it now
 
     def install(self) -> "StopRequest":
         """(Re-)installs the handlers; safe to call again after a library replaced one."""
