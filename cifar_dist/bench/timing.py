@@ -20,9 +20,9 @@ def quantile(values, q):
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process so far, all threads, user + system."""
-    t = os.times()
-    return t.user + t.system
+    """CPU time of this process so far, all threads, user + system. process_time, not
+    os.times: the latter counts 10 ms ticks, and a tiny window can be shorter than one."""
+    return time.process_time()
 
 
 def system_cpu_seconds():
