@@ -152,7 +152,7 @@ def loop_counts(trainer) -> dict:
 
     steps, n, stop = trainer.steps, tf.constant(1), tf.constant(0)
     if steps.device_data is not None:
-        concrete = steps.loop_on_device.get_concrete_function(*trainer._inputs(0, None), n, stop)
+        concrete = steps.loop_on_device.get_concrete_function(*trainer.inputs(0, None), n, stop)
     else:
         concrete = steps.loop_on_iterator.get_concrete_function(trainer.train_iterator(0), n, stop)
     graph_def = concrete.graph.as_graph_def()

@@ -164,7 +164,9 @@ class Trainer:
             pipeline_id=pid, num_pipelines=npipe))
         return iter(ds)
 
-    def _inputs(self, step: int, iterator):
+    def inputs(self, step: int, iterator):
+        """The training call's inputs for `step`: the device arrays and the epoch's order, or
+        the tf.data iterator (what Trainer.run passes to steps.run; the benchmark times it)."""
         if self.device_data is None:
             return iterator
         data = self.device_data
@@ -315,7 +317,7 @@ class Trainer:
                 end = self.loop_end(step)
                 stop_asked = self.stop.signal is not None
                 profiler.before_call(step)
-                window = self.steps.run(self._inputs(step, iterator), end - step, stop_asked)
+                window = self.steps.run(self.inputs(step, iterator), end - step, stop_asked)
                 window = window.numpy()  # the one host read per call: waits for the device
                 step = end
                 profiler.after_call(step)

@@ -1,5 +1,5 @@
 """The benchmark (cifar_dist.bench): tiny mode end to end, the arithmetic of its report, the
-HLO FLOP counter and the seed-style host augmentation."""
+HLO FLOP counter (cifar_dist.graph_checks) and the seed-style host augmentation."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import time
 import numpy as np
 import pytest
 
-from cifar_dist import bench
+from cifar_dist import graph_checks
+from cifar_dist.bench import host_augment, projection, timing
+from cifar_dist.bench.report import LABELS
 from conftest import run_module
 
 TINY_METHODS = ("matmul", "pipeline", "cifar_dist", "cifar_dist_noaug", "keras_fit",
@@ -110,15 +112,15 @@ def test_tiny_bench_derived_fields_agree_with_the_raw_numbers(tiny):
 def test_tiny_bench_prints_a_table_with_every_method(tiny):
     report, stdout = tiny
     for name in TINY_METHODS:
-        assert bench.LABELS[name] in stdout
+        assert LABELS[name] in stdout
     assert "goal vs_keras_fit" in stdout and "load average before" in stdout
 
 
 def test_quantiles_and_window_summary():
-    assert bench.quantile([3, 1, 2], 0.5) == 2
-    assert bench.quantile([1, 2, 3, 4], 0.5) == 2.5
-    assert bench.quantile([1, 2, 3, 4], 0.25) == 1.75
-    s = bench.summarise([1.0, 2.0, 4.0], items_per_window=8, steps_per_window=2)
+    assert timing.quantile([3, 1, 2], 0.5) == 2
+    assert timing.quantile([1, 2, 3, 4], 0.5) == 2.5
+    assert timing.quantile([1, 2, 3, 4], 0.25) == 1.75
+    s = timing.summarise([1.0, 2.0, 4.0], items_per_window=8, steps_per_window=2)
     assert s["images_per_second"] == 4.0 and s["images_per_second_min"] == 2.0
     assert s["images_per_second_max"] == 8.0 and s["step_seconds_median"] == 1.0
 
@@ -134,7 +136,7 @@ def test_hlo_flop_counter_reads_convolutions_and_dots():
         "  %d = bf16[16,10]{1,0} dot(bf16[16,32]{1,0} %h, bf16[32,10]{1,0} %w), "
         "lhs_contracting_dims={1}, rhs_contracting_dims={0}\n")
     conv = 2 * 16 * 32 * 32 * 8 * 9 * 3
-    counted = bench.hlo_flops(inline)
+    counted = graph_checks.hlo_flops(inline)
     assert counted["convolution"] == 2 * conv and counted["convolution_ops"] == 2
     assert counted["dot"] == 2 * 16 * 10 * 32 and counted["total"] == 2 * conv + 2 * 16 * 10 * 32
     # optimized HLO names operands without shapes: they come from the defining lines
@@ -142,7 +144,7 @@ def test_hlo_flop_counter_reads_convolutions_and_dots():
                "  %k = f32[3,3,3,8]{3,2,1,0} parameter(1)\n"
                "  ROOT %c = f32[16,32,32,8]{3,2,1,0} convolution(%x, %k), "
                "window={size=3x3 pad=1_1x1_1}, dim_labels=b01f_01io->b01f, metadata={}\n")
-    assert bench.hlo_flops(by_name)["convolution"] == conv
+    assert graph_checks.hlo_flops(by_name)["convolution"] == conv
 
 
 def test_host_augmentation_is_image_data_generators_arithmetic():
@@ -150,14 +152,14 @@ def test_host_augmentation_is_image_data_generators_arithmetic():
     rng = np.random.default_rng(0)
     x = rng.random((32, 32, 3)).astype(np.float32)
     for theta, tx, ty in [(0.0, 0.0, 0.0), (12.5, 2.3, -3.1), (-15.0, -3.2, 3.2)]:
-        ours = bench.host_affine(x, theta, tx, ty, flip=False)
+        ours = host_augment.host_affine(x, theta, tx, ty, flip=False)
         # ImageDataGenerator.apply_transform: rows axis 0, cols 1, channels 2
         theirs = legacy.apply_affine_transform(x, theta=theta, tx=tx, ty=ty, row_axis=0,
                                                col_axis=1, channel_axis=2,
                                                fill_mode="nearest", order=1)
         np.testing.assert_allclose(ours, theirs, atol=1e-6)
-    np.testing.assert_array_equal(bench.host_affine(x, 0.0, 0.0, 0.0, flip=True), x[:, ::-1])
-    draws = np.stack([bench.host_augment_image(x, rng) for _ in range(8)])
+    np.testing.assert_array_equal(host_augment.host_affine(x, 0.0, 0.0, 0.0, flip=True), x[:, ::-1])
+    draws = np.stack([host_augment.host_augment_image(x, rng) for _ in range(8)])
     assert draws.shape == (8, 32, 32, 3) and draws.min() >= 0 and draws.max() <= 1
 
 
@@ -184,9 +186,9 @@ def test_two_worker_part_reports_all_reduce_and_step_times(tmp_path):
 
 def test_gpu_projection_arithmetic():
     # 2(N-1)/N x bytes: 2 GPUs send the whole buffer once, many GPUs approach twice
-    assert close(bench.ring_all_reduce_seconds(2, 1e9 / 8, 1.0), 1.0)
-    assert close(bench.ring_all_reduce_seconds(64, 1e9 / 8, 1.0), 2 * 63 / 64)
-    p = bench.projection("tiny", 10.0, "test GPU", [25.0, 400.0], [2, 8], [256])
+    assert close(projection.ring_all_reduce_seconds(2, 1e9 / 8, 1.0), 1.0)
+    assert close(projection.ring_all_reduce_seconds(64, 1e9 / 8, 1.0), 2 * 63 / 64)
+    p = projection.projection("tiny", 10.0, "test GPU", [25.0, 400.0], [2, 8], [256])
     flop = p["counts"]["train_flops_per_image"]
     nbytes = p["counts"]["gradient_bytes_per_step"]
     assert nbytes == 4 * p["counts"]["trainable_params"]
@@ -200,4 +202,4 @@ def test_gpu_projection_arithmetic():
         assert close(t_c / (t_c + t_ar90), 0.9)
         t_c90 = r["per_gpu_batch_for_90"] * flop / 10e12
         assert close(t_c90 / (t_c90 + t_ar), 0.9)
-    assert "N=8" in bench.projection_text(p)
+    assert "N=8" in projection.projection_text(p)

@@ -72,18 +72,18 @@ def trainers():
 # --------------------------------------------------------------------------- everywhere
 
 def test_compiled_step_has_no_host_round_trips(trainers):
-    from cifar_dist import bench
+    from cifar_dist import graph_checks
 
     trainer = trainers("float32")
     step = trainer.steps.loop_on_iterator.get_concrete_function(
         trainer.train_iterator(0), tf.constant(1), tf.constant(0))
-    ops = bench.function_op_types(step)
-    leaks = set(ops) & set(bench.HOST_CALLBACK_OPS)
+    ops = graph_checks.function_op_types(step)
+    leaks = set(ops) & set(graph_checks.HOST_CALLBACK_OPS)
     assert not leaks, sorted(leaks)
-    assert bench.xla_functions(step), "no function in the step is marked _XlaMustCompile"
+    assert graph_checks.xla_functions(step), "no function in the step is marked _XlaMustCompile"
     assert ops.get("Conv2D", 0) >= 6  # the walk reaches the per-replica function's body
     # One device: the whole step (gradients and update) is one XLA launch per step.
-    counts = bench.loop_counts(trainer)
+    counts = graph_checks.loop_counts(trainer)
     assert counts["ops_outside_xla_per_step_by_type"].get("XlaLaunch") == 1, counts
     assert counts["ops_outside_xla_per_replica_per_step"] <= 16, counts
 
@@ -92,18 +92,18 @@ def test_compiled_step_has_no_host_round_trips(trainers):
     def leaky(x):
         return tf.numpy_function(lambda a: a * 2, [x], tf.float32)
 
-    bad = bench.function_op_types(leaky.get_concrete_function(tf.TensorSpec([2], tf.float32)))
-    assert set(bad) & set(bench.HOST_CALLBACK_OPS)
+    bad = graph_checks.function_op_types(leaky.get_concrete_function(tf.TensorSpec([2], tf.float32)))
+    assert set(bad) & set(graph_checks.HOST_CALLBACK_OPS)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_step_hlo_exists_in_every_dtype_and_its_flops_match_the_hand_count(trainers, dtype):
-    from cifar_dist import bench
+    from cifar_dist import graph_checks
     from cifar_dist.model import train_flops_per_image
 
     trainer = trainers(dtype)
-    hlo = bench.step_hlo(trainer, "hlo")
-    counted = bench.hlo_flops(hlo)
+    hlo = graph_checks.step_hlo(trainer, "hlo")
+    counted = graph_checks.hlo_flops(hlo)
     hand = train_flops_per_image(trainer.model) * BATCH
     # 6 convolutions x (forward, input gradient, filter gradient); 2 dense x 3
     assert counted["convolution_ops"] == 18 and counted["dot_ops"] == 6, counted
@@ -118,11 +118,11 @@ def test_step_hlo_exists_in_every_dtype_and_its_flops_match_the_hand_count(train
 def test_optimized_hlo_drops_only_the_unused_first_input_gradient(trainers):
     """What XLA runs: the first convolution's input gradient is dead code (the images are not
     trained), so the executed FLOPs are the hand count minus that one convolution."""
-    from cifar_dist import bench
+    from cifar_dist import graph_checks
     from cifar_dist.model import forward_flops_per_image, train_flops_per_image
 
     trainer = trainers("float32")
-    counted = bench.hlo_flops(bench.step_hlo(trainer, "optimized_hlo"))
+    counted = graph_checks.hlo_flops(graph_checks.step_hlo(trainer, "optimized_hlo"))
     hand = train_flops_per_image(trainer.model) * BATCH
     first = trainer.model.get_layer("b1_conv")
     first_conv = 2 * 32 * 32 * first.filters * 3 * 3 * 3 * BATCH
@@ -133,7 +133,7 @@ def test_optimized_hlo_drops_only_the_unused_first_input_gradient(trainers):
 
 
 def test_input_reaches_the_step_as_uint8(trainers):
-    from cifar_dist.bench import images_dtype
+    from cifar_dist.graph_checks import images_dtype
 
     trainer = trainers("float32")
     assert images_dtype(trainer.train_iterator(0).element_spec) == "uint8"

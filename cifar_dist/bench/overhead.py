@@ -28,6 +28,10 @@ import sys
 import tempfile
 import time
 
+from cifar_dist import run_dir
+from cifar_dist.bench.runner import child_env
+from cifar_dist.bench.settings import Settings
+
 CASES = [("one_device", "sgd"), ("one_device", "adamw"), ("mirrored", "sgd"), ("mirrored", "adamw")]
 PER_REPLICA_BATCH = 2
 STEPS_PER_CALL = 100
@@ -65,7 +69,7 @@ def _time_loop(trainer, windows):
         per_epoch = trainer.steps_per_epoch
         if step[0] % per_epoch + STEPS_PER_CALL > per_epoch:  # a call never spans an epoch
             step[0] = (step[0] // per_epoch + 1) * per_epoch
-        trainer.steps.run(trainer._inputs(step[0], None), STEPS_PER_CALL, stop=False).numpy()
+        trainer.steps.run(trainer.inputs(step[0], None), STEPS_PER_CALL, stop=False).numpy()
         step[0] += STEPS_PER_CALL
 
     return _seconds_per_step(call, STEPS_PER_CALL, windows)
@@ -126,12 +130,10 @@ def tight_loop_seconds_per_step(windows) -> float:
 
 def run_case(strategy, optimizer, windows) -> dict:
     """One (strategy, optimizer) case, in this (fresh) process."""
-    from cifar_dist import data, distribute, graph_checks, train  # noqa: PLC0415
+    from cifar_dist import graph_checks, train  # noqa: PLC0415
+    from cifar_dist.bench.workload import build_trainer  # noqa: PLC0415
 
-    cfg = _config(strategy, optimizer)
-    made, cluster = distribute.make_strategy(cfg)
-    bundle = data.load(cfg)
-    trainer = train.Trainer(cfg, made, cluster, bundle)
+    trainer, bundle = build_trainer(_config(strategy, optimizer))
     out = {"strategy": strategy, "optimizer": optimizer, "replicas": trainer.replicas,
            "loop_seconds_per_step": _time_loop(trainer, windows),
            "host_reads_per_100_steps": host_reads_per_100_steps(trainer),
@@ -139,7 +141,7 @@ def run_case(strategy, optimizer, windows) -> dict:
     real_build = train.build_model
     train.build_model = _stub_model
     try:
-        stub = train.Trainer(cfg, made, cluster, bundle)
+        stub = train.Trainer(trainer.cfg, trainer.strategy, trainer.cluster, bundle)
         out["stub_seconds_per_step"] = _time_loop(stub, windows)
     finally:
         train.build_model = real_build
@@ -155,7 +157,7 @@ def run_main_as_users_do(extra=()) -> dict:
                "--synthetic_train_size=400", "--synthetic_test_size=16", "--model=tiny",
                f"--batch_size={PER_REPLICA_BATCH}", "--train_epochs=2", "--skip_eval",
                "--export=false", "--enable_tensorboard=false", f"--model_dir={tmp}/run", *extra]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
         if result.returncode != 0:
             raise RuntimeError(f"cifar_dist.main failed:\n{result.stderr[-3000:]}")
         with open(os.path.join(tmp, "run", "history.csv")) as f:
@@ -163,15 +165,6 @@ def run_main_as_users_do(extra=()) -> dict:
     ips = float(rows[-1]["images_per_second"])
     return {"command": " ".join(cmd[1:]), "images_per_second": ips,
             "seconds_per_step": PER_REPLICA_BATCH / ips}
-
-
-def _child_env():
-    env = dict(os.environ)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    env.pop("TF_CONFIG", None)
-    return env
 
 
 def run_all(windows: int, cases=CASES) -> dict:
@@ -185,7 +178,7 @@ def run_all(windows: int, cases=CASES) -> dict:
             cmd = [sys.executable, "-m", "cifar_dist.bench", "--overhead",
                    f"--overhead_case={strategy},{optimizer}", f"--windows={windows}",
                    f"--child_output={out}"]
-            result = subprocess.run(cmd, capture_output=True, text=True, env=_child_env())
+            result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
             if result.returncode != 0:
                 raise RuntimeError(f"overhead case {strategy},{optimizer} failed:\n"
                                    f"{result.stderr[-3000:]}")
@@ -221,3 +214,15 @@ def table(results) -> str:
             lines.append(f"python {m['command']}: last epoch {m['images_per_second']:.1f} "
                          f"img/s = {ms * m['seconds_per_step']:.2f} ms per step{ratio}")
     return "\n".join(lines)
+
+
+def run_overhead(settings: Settings) -> None:
+    """--overhead: every case (each a child: --overhead_case), the table, --output."""
+    if settings.overhead_case:  # a child: one case, in this fresh process
+        result = run_case(*settings.overhead_case.split(","), settings.windows)
+        run_dir.write_json_atomic(settings.child_output, result)
+        return
+    results = run_all(settings.windows)
+    print(table(results))
+    if settings.output:
+        run_dir.write_json_atomic(settings.output, results)
