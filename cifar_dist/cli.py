@@ -7,7 +7,7 @@ Each command module (main, evaluate, export, predict, bench, augment_preview) ha
 FlagValues when it runs (so importing any module of the package defines no flag, and two
 commands can run in one process), `--help` prints the module's doc and its flags, and
 every error a user can cause becomes one line on stderr with the exit status of
-errors.EXIT_CODES.
+the table in errors.py (its EXIT_* constants).
 """
 
 from __future__ import annotations
@@ -121,12 +121,12 @@ def dispatch(argv) -> int:
     """python -m cifar_dist COMMAND ...: runs COMMAND's main with the rest of argv."""
     if len(argv) < 2 or argv[1] in HELP_FLAGS:
         print(USAGE, file=sys.stderr, end="")
-        return 0 if len(argv) >= 2 else 2
+        return errors.EXIT_OK if len(argv) >= 2 else errors.EXIT_BAD_INPUT
     name = argv[1]
     if name not in COMMANDS:
         print(errors.error_line(ConfigError(
             f"unknown command {name!r}; choose one of {', '.join(COMMANDS)}")), file=sys.stderr)
-        return 2
+        return errors.EXIT_BAD_INPUT
     return importlib.import_module(COMMANDS[name]).main([f"cifar_dist {name}", *argv[2:]])
 
 

@@ -59,17 +59,16 @@ def train_main(cfg) -> dict:
 def export_and_evaluate(cfg, trainer, bundle, metrics, stop) -> None:
     """The exported model and DIR/eval/ (report, confusion matrix, plots) on the chief.
     A rerun of a finished run writes only what is missing."""
-    from cifar_dist import evaluate, export, run_dir  # noqa: PLC0415
+    from cifar_dist import evaluate, export  # noqa: PLC0415
 
     rerun = trainer.finished_record is not None
-    export_dir = trainer.run_dir.join(run_dir.EXPORT)
-    stop.clean_up_on_exit(export_dir + ".tmp")
+    export_dir = trainer.run_dir.export
     stop.check()
     if not (rerun and os.path.isdir(export_dir)):
         logging.info("exporting into %s", export_dir)
         export.export_model(trainer.model, bundle.class_names, export_dir)
     stop.check()
-    if rerun and os.path.isdir(trainer.run_dir.join(run_dir.EVAL)):
+    if rerun and os.path.isdir(trainer.run_dir.eval):
         return
     try:
         evaluate.evaluate_model_dir(cfg.model_dir, bundle)
