@@ -18,6 +18,8 @@ import secrets
 import shutil
 import tempfile
 
+from cifar_dist.errors import ConfigError
+
 # Temporaries now being written, for remove_staged (the watchdog's last act).
 _STAGED: set = set()
 
@@ -80,6 +82,21 @@ def writing(target: str, mode: str = "w", **open_kwargs):
 def write_json(path: str, obj) -> None:
     with writing(path) as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
+
+
+def check_replaceable(target: str, flag: str, what: str, names) -> str:
+    """A folder that staged(folder=True) will replace as a whole must be absent, empty or
+    an earlier `what` (only `names` in it: never, say, the model_dir with its checkpoints),
+    in a writable folder. Returns target normalised; ConfigError names --flag."""
+    target = os.path.normpath(target)
+    if os.path.exists(target):
+        if not os.path.isdir(target) or not set(os.listdir(target)) <= set(names):
+            raise ConfigError(f"--{flag}={target} exists and is not an {what} folder: it "
+                              "would be replaced; choose another")
+    parent = os.path.dirname(os.path.abspath(target))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{flag}={target}: {parent} is not a writable folder")
+    return target
 
 
 def remove_staged() -> None:

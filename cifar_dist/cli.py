@@ -50,6 +50,18 @@ def run_command(argv, doc: str, define_flags, body) -> int:
         return e.exit_code
 
 
+def entry_points(doc: str, define_flags, body):
+    """(main, run) of a command module: main(argv) runs the command for argv (program name
+    first) and returns the exit status; run() is the console-script entry point."""
+    def main(argv) -> int:
+        return run_command(argv, doc, define_flags, body)
+
+    def run():
+        sys.exit(main(sys.argv))
+
+    return main, run
+
+
 def no_positional_args(args) -> None:
     if args:
         raise ConfigError(f"unexpected arguments: {' '.join(map(errors.printable, args))}")

@@ -26,7 +26,6 @@ import csv
 import json
 import math
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
@@ -235,22 +234,6 @@ def plot_training_curves(model_dir: str, path: str, config: dict | None = None) 
 
 # --------------------------------------------------------------------------- writing
 
-def _prepare_output(output_dir: str) -> str:
-    """Checks output_dir may be (re)placed: absent, empty, or an earlier evaluation's folder
-    (only our file names in it), never e.g. the model_dir itself."""
-    output_dir = os.path.normpath(output_dir)
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise ConfigError(f"--output_dir={output_dir} is a file")
-        if not set(os.listdir(output_dir)) <= set(OUTPUT_FILES + PLOT_FILES):
-            raise ConfigError(f"--output_dir={output_dir} exists and is not an evaluation "
-                              "folder: it would be replaced; choose another")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir={output_dir}: {parent} is not a writable folder")
-    return output_dir
-
-
 def _write_predictions(path, labels, predicted, confidence, class_names):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
@@ -295,7 +278,8 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     check_split_name(split)
     if top_k < 1 or batch_size < 1:
         raise ConfigError("--top_k and --eval_batch_size must be >= 1")
-    output_dir = _prepare_output(output_dir or run.eval)
+    output_dir = atomic.check_replaceable(output_dir or run.eval, "output_dir", "evaluation",
+                                          OUTPUT_FILES + PLOT_FILES)
     if isinstance(bundle_or_cfg, data.DataBundle):
         bundle = bundle_or_cfg
     else:
@@ -421,14 +405,7 @@ def evaluate_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, define_flags, evaluate_command)
-
-
-def run():
-    """Console-script entry point."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, define_flags, evaluate_command)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from cifar_dist import atomic, cli  # noqa: E402
-from cifar_dist.errors import (CheckpointError, ConfigError, ModelError, UserError,  # noqa: E402
+from cifar_dist.errors import (CheckpointError, ModelError, UserError,  # noqa: E402
                                printable)
 from cifar_dist.run_dir import (CLASS_NAMES_FILE, CONFIG, EXPORT, KERAS_FILE,  # noqa: E402
                                 SAVED_MODEL_DIR, RunDir)
@@ -81,18 +81,9 @@ def serving_module(model, class_names):
 
 
 def check_replaceable(export_dir: str) -> str:
-    """export_dir is replaced as a whole: it must be absent, empty or an earlier export
-    (never, say, the model_dir with its checkpoints)."""
-    export_dir = os.path.normpath(export_dir)
-    if os.path.exists(export_dir):
-        if not os.path.isdir(export_dir) or not set(os.listdir(export_dir)) <= {
-                SAVED_MODEL_DIR, KERAS_FILE, CLASS_NAMES_FILE}:
-            raise ConfigError(f"--export_dir={export_dir} exists and is not an export folder: "
-                              "it would be replaced; choose another")
-    parent = os.path.dirname(os.path.abspath(export_dir))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--export_dir={export_dir}: {parent} is not a writable folder")
-    return export_dir
+    """export_dir is replaced as a whole: it must be absent, empty or an earlier export."""
+    return atomic.check_replaceable(export_dir, "export_dir", "export",
+                                    (SAVED_MODEL_DIR, KERAS_FILE, CLASS_NAMES_FILE))
 
 
 def export_model(model, class_names, export_dir: str) -> str:
@@ -358,14 +349,7 @@ def export_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, define_flags, export_command)
-
-
-def run():
-    """Console-script entry point."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, define_flags, export_command)
 
 
 if __name__ == "__main__":

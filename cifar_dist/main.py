@@ -18,7 +18,6 @@ resume, or to finish the export); 76 stopped by a signal before any checkpoint e
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import logging
 
@@ -105,14 +104,7 @@ def train_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, config_lib.define_flags, train_command)
-
-
-def run():
-    """Console-script entry point (cifar-dist-train)."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, config_lib.define_flags, train_command)
 
 
 if __name__ == "__main__":

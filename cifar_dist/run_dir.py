@@ -41,25 +41,11 @@ MAX_HISTORY_BYTES = 16 * 2**20  # one short row per epoch: far fewer in any real
 class RunDir:
     def __init__(self, path: str):
         self.path = path
+        self.checkpoints, self.tensorboard, self.export, self.eval = (
+            self.join(name) for name in (CHECKPOINTS, TENSORBOARD, EXPORT, EVAL))
 
     def join(self, *parts) -> str:
         return os.path.join(self.path, *parts)
-
-    @property
-    def checkpoints(self) -> str:
-        return self.join(CHECKPOINTS)
-
-    @property
-    def tensorboard(self) -> str:
-        return self.join(TENSORBOARD)
-
-    @property
-    def export(self) -> str:
-        return self.join(EXPORT)
-
-    @property
-    def eval(self) -> str:
-        return self.join(EVAL)
 
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint was completed here (its state file exists; no TensorFlow)."""
