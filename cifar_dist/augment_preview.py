@@ -14,7 +14,6 @@ Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
@@ -102,14 +101,7 @@ def preview_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, define_flags, preview_command)
-
-
-def run():
-    """Console-script entry point (cifar-dist-augment-preview)."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, define_flags, preview_command)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ Each command module (main, evaluate, export, predict, bench, augment_preview) ha
 FlagValues when it runs (so importing any module of the package defines no flag, and two
 commands can run in one process), `--help` prints the module's doc and its flags, and
 every error a user can cause becomes one line on stderr with the exit status of
-errors.EXIT_CODES.
+the table in errors.py (its EXIT_* constants).
 """
 
 from __future__ import annotations
@@ -48,6 +48,18 @@ def run_command(argv, doc: str, define_flags, body) -> int:
     except errors.EXIT_ERRORS as e:
         print(errors.error_line(e), file=sys.stderr)
         return e.exit_code
+
+
+def entry_points(doc: str, define_flags, body):
+    """(main, run) of a command module: main(argv) runs the command for argv (program name
+    first) and returns the exit status; run() is the console-script entry point."""
+    def main(argv) -> int:
+        return run_command(argv, doc, define_flags, body)
+
+    def run():
+        sys.exit(main(sys.argv))
+
+    return main, run
 
 
 def no_positional_args(args) -> None:
@@ -121,12 +133,12 @@ def dispatch(argv) -> int:
     """python -m cifar_dist COMMAND ...: runs COMMAND's main with the rest of argv."""
     if len(argv) < 2 or argv[1] in HELP_FLAGS:
         print(USAGE, file=sys.stderr, end="")
-        return 0 if len(argv) >= 2 else 2
+        return errors.EXIT_OK if len(argv) >= 2 else errors.EXIT_BAD_INPUT
     name = argv[1]
     if name not in COMMANDS:
         print(errors.error_line(ConfigError(
             f"unknown command {name!r}; choose one of {', '.join(COMMANDS)}")), file=sys.stderr)
-        return 2
+        return errors.EXIT_BAD_INPUT
     return importlib.import_module(COMMANDS[name]).main([f"cifar_dist {name}", *argv[2:]])
 
 

@@ -6,8 +6,9 @@ Sources:
   cifar10 (TFDS)   a prepared TensorFlow Datasets data_dir
   cifar10 (found)  without --data_dir: $CIFAR10_DIR, the Keras cache, TFDS' default
                    data_dir, in this order; else the official tarball is downloaded into
-                   the Keras cache (--download, on by default; see locate_cifar10)
-  folder           class-named subfolders of PNG/JPEG images (see images.py)
+                   the Keras cache (--download, on by default; cifar10_files.py finds and
+                   downloads, this module reads)
+  folder           class-named subfolders of PNG/JPEG images (decoded by images.py)
   sample           the real CIFAR-10 subset shipped in the package (assets/cifar10_sample.npz:
                    the first 2,048 official training and 512 official test images)
   synthetic        random data of the right shapes
@@ -20,32 +21,23 @@ so could run code) is rejected. Every problem is a DataError with one clear line
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
-import json
 import os
 import pickle
-import shutil
-import socket
 import tarfile
-import tempfile
-import time
 import zipfile
 from typing import Optional
 
 import numpy as np
-from absl import logging
 
+from cifar_dist.cifar10_files import (BATCH_FOLDER, TARBALL, TEST_FILE, TRAIN_FILES,
+                                      download_cifar10, find_local_cifar10, is_download_chief,
+                                      locate_cifar10, not_found)
 from cifar_dist.errors import DataError
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (32, 32, 3)
-BATCH_FOLDER = "cifar-10-batches-py"
-TARBALL = "cifar-10-python.tar.gz"
-TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-TEST_FILE = "test_batch"
-META_FILE = "batches.meta"
 # An official batch file is 30.7 MB (10,000 x 3,072 bytes + labels, pickled): a file or a
 # tar member claiming more than this is refused before a byte of it is read.
 MAX_BATCH_BYTES = 64 * 2**20
@@ -176,18 +168,6 @@ def _concat(splits) -> Split:
 
 # --------------------------------------------------------------------------- local cifar10
 
-def find_local_cifar10(data_dir: str) -> Optional[str]:
-    """Path of a local CIFAR-10 python copy under data_dir, or None."""
-    for candidate in (os.path.join(data_dir, BATCH_FOLDER), data_dir):
-        if os.path.isfile(os.path.join(candidate, TEST_FILE)) or \
-                os.path.isfile(os.path.join(candidate, TRAIN_FILES[0])):
-            return candidate
-    for candidate in (os.path.join(data_dir, TARBALL), data_dir):
-        if candidate.endswith(".tar.gz") and os.path.isfile(candidate):
-            return candidate
-    return None
-
-
 def _read_members(path: str, names) -> dict:
     """Reads the named batch files from a folder or a tarball, as bytes."""
     out = {}
@@ -237,167 +217,6 @@ def load_local_cifar10(path: str) -> DataBundle:
     return DataBundle(train, test, CIFAR10_CLASSES, source=f"cifar10 python layout at {path}")
 
 
-# --------------------------------------------------------------------------- finding CIFAR-10
-
-# The official CIFAR-10 python version and its published MD5. The environment variable
-# CIFAR10_URL (a mirror, or a test's loopback server) replaces the address; CIFAR10_MD5 is
-# honoured only together with it, so the official address always gets the official hash.
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
-# How long a non-chief worker waits for the chief's download (env CIFAR10_WAIT_SECONDS).
-DOWNLOAD_WAIT_SECONDS = 1800
-# A stalled server must not hang the run forever: seconds without a byte.
-DOWNLOAD_SOCKET_TIMEOUT = 60
-# What keras.datasets.cifar10.load_data leaves in the Keras cache (Keras 2 and Keras 3).
-KERAS_CACHE_NAMES = (BATCH_FOLDER, "cifar-10-batches-py-target", TARBALL,
-                     "cifar-10-batches-py-target_archive")
-
-
-def keras_home() -> str:
-    """Keras' own rule (keras/src/backend/config.py): $KERAS_HOME, else ~/.keras, else
-    /tmp/.keras when the home folder is not writable."""
-    if "KERAS_HOME" in os.environ:
-        return os.path.expanduser(os.environ["KERAS_HOME"])
-    base = os.path.expanduser("~")
-    return os.path.join(base if os.access(base, os.W_OK) else "/tmp", ".keras")
-
-
-def keras_cache() -> str:
-    return os.path.join(keras_home(), "datasets")
-
-
-def tfds_data_dir() -> str:
-    """TensorFlow Datasets' default data_dir, without importing tfds."""
-    return os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
-
-
-def locate_cifar10():
-    """Where CIFAR-10 is when no --data_dir is given: (kind, path, places looked), kind
-    "local" (the python layout, for load_local_cifar10), "tfds" (a TFDS data_dir holding a
-    prepared cifar10) or None (not found: download)."""
-    looked = []
-    env_dir = os.environ.get("CIFAR10_DIR")
-    if env_dir:
-        found = find_local_cifar10(os.path.expanduser(env_dir))
-        if found:
-            return "local", found, looked
-        looked.append(f"$CIFAR10_DIR={env_dir}")
-        logging.warning("CIFAR10_DIR=%s holds no CIFAR-10 python layout; looking further", env_dir)
-    else:
-        looked.append("$CIFAR10_DIR (not set)")
-    cache = keras_cache()
-    for name in KERAS_CACHE_NAMES:
-        candidate = os.path.join(cache, name)
-        if name.endswith("_archive"):  # load_data's tarball, without .tar.gz in its name
-            if os.path.isfile(candidate):
-                return "local", candidate, looked
-        elif os.path.exists(candidate) and find_local_cifar10(candidate):
-            return "local", find_local_cifar10(candidate), looked
-    looked.append(f"the Keras cache {cache}")
-    tfds_dir = tfds_data_dir()
-    if os.path.isdir(os.path.join(tfds_dir, "cifar10")):
-        return "tfds", tfds_dir, looked
-    looked.append(f"TensorFlow Datasets' data_dir {tfds_dir}")
-    return None, "", looked
-
-
-def _not_found(looked, why: str) -> DataError:
-    return DataError(f"CIFAR-10 not found (looked in {', '.join(looked)}) and {why}; pass "
-                     f"--data_dir=DIR (a folder holding {BATCH_FOLDER}/ or {TARBALL}), or "
-                     "train on the sample shipped with cifar_dist: --dataset=sample")
-
-
-def download_origin():
-    """(url, md5) of the download: the official ones unless CIFAR10_URL names a mirror."""
-    url = os.environ.get("CIFAR10_URL")
-    if not url:
-        return CIFAR10_URL, CIFAR10_MD5
-    return url, os.environ.get("CIFAR10_MD5") or CIFAR10_MD5
-
-
-def is_download_chief(cfg) -> bool:
-    """Worker 0 of a multi-worker run (as distribute.py numbers them) or a single process:
-    read from TF_CONFIG / SLURM_PROCID, as the strategy does not exist yet."""
-    if cfg.strategy != "multi_worker":
-        return True
-    raw = os.environ.get("TF_CONFIG") if cfg.cluster in ("auto", "tf_config") else None
-    if raw:
-        try:
-            tf_config = json.loads(raw)
-            task, cluster = tf_config["task"], tf_config["cluster"]
-            if task["type"] == "chief":
-                return True
-            return task["type"] == "worker" and task["index"] == 0 and "chief" not in cluster
-        except (ValueError, KeyError, TypeError):
-            return True  # a bad TF_CONFIG fails with its own message when the strategy starts
-    procid = os.environ.get("SLURM_PROCID")
-    return procid is None or procid.strip() == "0"
-
-
-def _md5(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def download_cifar10(looked, is_chief: bool = True) -> str:
-    """Downloads cifar-10-python.tar.gz into the Keras cache; returns its path.
-
-    The file appears under its final name only complete and with the right MD5: Keras'
-    get_file writes straight to its target and keeps a file whose hash is wrong, so it
-    writes into a private temporary folder beside the target and the file is renamed
-    (atomic on one filesystem) on success. Other workers wait for that name to appear."""
-    cache = keras_cache()
-    target = os.path.join(cache, TARBALL)
-    url, md5 = download_origin()
-    if not is_chief:
-        wait = float(os.environ.get("CIFAR10_WAIT_SECONDS") or DOWNLOAD_WAIT_SECONDS)
-        logging.info("waiting up to %.0f s for worker 0 to download CIFAR-10 into %s", wait, target)
-        deadline = time.monotonic() + wait
-        while not os.path.isfile(target):
-            if time.monotonic() > deadline:
-                raise DataError(f"waited {wait:.0f} s for worker 0 to download CIFAR-10 into "
-                                f"{target} (see its log; each host has its own Keras cache "
-                                "unless the home folder is shared); pass --data_dir=DIR on a "
-                                "filesystem every worker sees, or --dataset=sample")
-            time.sleep(1)
-        return target
-    try:
-        os.makedirs(cache, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".cifar-10-download-", dir=cache)
-    except OSError as e:
-        raise _not_found(looked, f"the Keras cache {cache} is not writable ({e.strerror}); "
-                                 "set KERAS_HOME to a writable folder") from None
-    logging.info("CIFAR-10 not found (looked in %s): downloading %s (163 MiB) into %s",
-                 ", ".join(looked), url, target)
-    old_timeout = socket.getdefaulttimeout()
-    try:
-        import keras  # noqa: PLC0415 (slow import, only when downloading)
-
-        socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT)
-        try:
-            path = keras.utils.get_file(TARBALL, origin=url, file_hash=md5,
-                                        hash_algorithm="md5", cache_dir=tmp, cache_subdir="")
-        except ValueError:  # get_file: the hash does not match (the file is still there)
-            partial = os.path.join(tmp, TARBALL)
-            got = _md5(partial) if os.path.isfile(partial) else "?"
-            raise DataError(f"download from {url}: MD5 {got} is not the expected {md5} (a "
-                            "truncated or damaged download, or another file); nothing was "
-                            f"kept in {cache}; retry, or pass --data_dir=DIR, or use "
-                            "--dataset=sample") from None
-        except Exception as e:  # noqa: BLE001 - URL errors, short reads, resets, timeouts
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise _not_found(looked, f"the download from {url} failed ({first})") from None
-        os.replace(path, target)
-    finally:
-        socket.setdefaulttimeout(old_timeout)
-        shutil.rmtree(tmp, ignore_errors=True)
-    logging.info("downloaded CIFAR-10 (MD5 %s) to %s", md5, target)
-    return target
-
-
 def load_found_cifar10(cfg, is_chief: Optional[bool] = None) -> DataBundle:
     """CIFAR-10 without --data_dir: found (locate_cifar10) or downloaded."""
     kind, path, looked = locate_cifar10()
@@ -405,7 +224,7 @@ def load_found_cifar10(cfg, is_chief: Optional[bool] = None) -> DataBundle:
         return load_tfds_cifar10(path, download=False)
     if kind is None:
         if not cfg.download:
-            raise _not_found(looked, "--download=false forbids downloading it")
+            raise not_found(looked, "--download=false forbids downloading it")
         path = download_cifar10(looked, is_download_chief(cfg) if is_chief is None else is_chief)
     return load_local_cifar10(path)
 
@@ -457,6 +276,31 @@ def load_sample(path: str = SAMPLE_PATH) -> DataBundle:
     return DataBundle(Split(arrays["train_images"], arrays["train_labels"].astype(np.int32)),
                       Split(arrays["test_images"], arrays["test_labels"].astype(np.int32)),
                       CIFAR10_CLASSES, source="cifar10 sample shipped with cifar_dist")
+
+
+# --------------------------------------------------------------------------- folder
+
+def load_image_folder(root: str) -> DataBundle:
+    """ROOT/train/<class>/*, ROOT/test/<class>/* ; or ROOT/<class>/* with a 10% test holdout."""
+    from cifar_dist.images import load_class_folders  # noqa: PLC0415 (PIL, only when used)
+
+    if not os.path.isdir(root):
+        raise DataError(f"--data_dir={root}: not a folder")
+    train_root, test_root = os.path.join(root, "train"), os.path.join(root, "test")
+    if os.path.isdir(train_root):
+        x, y, names = load_class_folders(train_root)
+        if os.path.isdir(test_root):
+            tx, ty, _ = load_class_folders(test_root, names)
+            return DataBundle(Split(x, y), Split(tx, ty), names, source=f"image folder {root}")
+    else:
+        x, y, names = load_class_folders(root)
+    # No test/ folder: every 10th image (a fixed choice) is the test split.
+    test = np.zeros(len(y), bool)
+    test[::10] = True
+    if test.all():
+        raise DataError(f"{root}: too few images to hold out a test split")
+    return DataBundle(Split(x[~test], y[~test]), Split(x[test], y[test]), names,
+                      source=f"image folder {root}")
 
 
 # --------------------------------------------------------------------------- synthetic
@@ -516,7 +360,6 @@ def load(cfg) -> DataBundle:
     elif cfg.dataset == "sample":
         bundle = load_sample()
     elif cfg.dataset == "folder":
-        from cifar_dist.images import load_image_folder  # noqa: PLC0415
         bundle = load_image_folder(cfg.data_dir)
     elif not cfg.data_dir:
         bundle = load_found_cifar10(cfg)

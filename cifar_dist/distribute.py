@@ -15,9 +15,7 @@ import dataclasses
 import itertools
 import json
 import os
-import shutil
 import socket
-import subprocess
 import time
 
 import tensorflow as tf
@@ -96,10 +94,8 @@ def bind_local_gpus(local_id: int, tasks_here: int) -> None:
     if tasks_here <= 1:
         return
     visible = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
-    if not visible and shutil.which("nvidia-smi"):
-        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                 timeout=60).stdout
-        visible = [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU")]
+    if not visible:
+        visible = preflight.nvidia_smi_gpus() or []
     if len(visible) < tasks_here:
         return  # bound per task by SLURM (or no GPUs): leave it alone
     per_task = len(visible) // tasks_here

@@ -11,11 +11,21 @@ launch/local.py and slurm/train.sh act on it):
     75  stopped by a signal with a checkpoint in model_dir (Preempted, Interrupted):
         rerun the same command to resume
     76  stopped by a signal before any checkpoint existed (Interrupted): a rerun starts afresh
+
+The EXIT_* constants below are these numbers: launch/local.py imports them, and
+slurm/train.sh (a shell script cannot import) repeats 75 and 76 with a comment pointing here.
 """
 
 from __future__ import annotations
 
 import os
+
+EXIT_OK = 0
+EXIT_BAD_INPUT = 2
+EXIT_PEER_LOST = 3
+EXIT_DIVERGED = 4
+EXIT_STOPPED = 75  # EX_TEMPFAIL: "try again", what requeue-aware schedulers expect
+EXIT_STOPPED_EARLY = 76
 
 
 def printable(text) -> str:
@@ -55,7 +65,7 @@ class UserError(Exception):
     Its text is always one printable line (see printable), whatever file names or other
     errors' texts went into it: every command prints it as `cifar_dist: error: TEXT`."""
 
-    exit_code = 2
+    exit_code = EXIT_BAD_INPUT
 
     def __str__(self):
         return printable(super().__str__())
@@ -77,16 +87,24 @@ class CheckpointError(UserError):
     """A model_dir whose checkpoints cannot be used with this configuration."""
 
 
+class ModelError(UserError):
+    """No usable exported model where the user pointed."""
+
+
+class ImageError(DataError):
+    """One unreadable image (predict reports it and goes on)."""
+
+
 class TrainingDiverged(Exception):
     """A non-finite loss in float32; the last good checkpoint is kept."""
 
-    exit_code = 4
+    exit_code = EXIT_DIVERGED
 
 
 class PeerLost(Exception):
     """Another worker died or stalled past --collective_timeout. Restart the whole group."""
 
-    exit_code = 3
+    exit_code = EXIT_PEER_LOST
 
 
 class PeersMissing(PeerLost):
@@ -100,24 +118,23 @@ class PeersMissing(PeerLost):
 class Preempted(Exception):
     """SIGTERM/SIGINT/SIGUSR1 arrived; a checkpoint was saved. Rerun the same command to resume."""
 
-    exit_code = 75  # EX_TEMPFAIL: "try again", what requeue-aware schedulers expect.
+    exit_code = EXIT_STOPPED
 
 
 class Interrupted(Exception):
     """A signal outside the training loop (start-up, compiling, export, evaluation).
 
     Exit 75 when model_dir holds a checkpoint (rerun to resume or to finish the export),
-    76 when it holds none (nothing was saved; a rerun starts afresh).
+    76 when it holds none (nothing was saved; a rerun starts afresh). `resumable`: whether
+    it holds one (signals.py asks run_dir).
     """
 
-    def __init__(self, signum: int, model_dir: str = ""):
-        import os  # noqa: PLC0415
+    def __init__(self, signum: int, model_dir: str = "", resumable: bool = False):
         import signal  # noqa: PLC0415
 
         self.signal_name = signal.Signals(signum).name
-        state = os.path.join(model_dir, "checkpoints", "checkpoint") if model_dir else ""
-        self.resumable = bool(state) and os.path.isfile(state)
-        self.exit_code = 75 if self.resumable else 76
+        self.resumable = bool(model_dir) and resumable
+        self.exit_code = EXIT_STOPPED if self.resumable else EXIT_STOPPED_EARLY
         super().__init__(
             f"stopped by {self.signal_name} outside the training loop; " + (
                 f"the checkpoints in {model_dir} are intact: rerun the same command to resume"

@@ -25,35 +25,29 @@ eval/ as it was before and no temporary folder left.
 from __future__ import annotations
 
 import csv
-import errno
 import json
 import math
 import os
-import shutil
-import sys
-import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from cifar_dist import cli  # noqa: E402
+from cifar_dist import atomic, cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
-from cifar_dist import preflight, signals  # noqa: E402
-from cifar_dist.errors import ConfigError, DataError  # noqa: E402
-from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
+from cifar_dist import signals  # noqa: E402
+from cifar_dist.errors import ConfigError, DataError, ModelError  # noqa: E402
+from cifar_dist.run_dir import CONFIG, KERAS_FILE, SAVED_MODEL_DIR, RunDir  # noqa: E402
 
 # TensorFlow, Keras, scikit-learn and matplotlib are imported where used, so that bad
 # input is rejected at once (and before TensorFlow's start-up lines on stderr).
 
 SPLITS = ("test", "train", "validation")
-EVAL_SUBDIR = "eval"
 # Config fields a user may override here: where the data come from, not how it trained.
 # Not --validation_size: a split held out now, unlike in training, would hold training images.
 DATA_FIELDS = ("dataset", "data_dir", "download", "train_subset", "test_subset",
                "synthetic_train_size", "synthetic_test_size", "seed")
-EPSILON = 1e-7  # Keras' probability clip in categorical_crossentropy: same loss as training
 OUTPUT_FILES = ("metrics.json", "classification_report.txt", "predictions.csv")
 PLOT_FILES = ("confusion_matrix.png", "predictions.png", "training_curves.png")
 
@@ -67,11 +61,12 @@ def exported_model_path(model_dir: str) -> str:
         raise ConfigError("--model_dir is required (a training run's folder)")
     if not os.path.isdir(model_dir):
         raise ConfigError(f"--model_dir={model_dir}: no such folder")
-    path = os.path.join(model_dir, "export", "model.keras")
+    export_dir = RunDir(model_dir).export
+    path = os.path.join(export_dir, KERAS_FILE)
     if os.path.isfile(path):
         return path
     # Only a SavedModel: loaded with a warning (a program), see export.load_exported.
-    saved_model = os.path.join(model_dir, "export", "saved_model")
+    saved_model = os.path.join(export_dir, SAVED_MODEL_DIR)
     if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
         return saved_model
     raise ModelError(f"{path}: no exported model (train with --export=true, or run "
@@ -80,9 +75,7 @@ def exported_model_path(model_dir: str) -> str:
 
 def config_from_model_dir(model_dir: str, overrides: dict | None = None):
     """The run's Config from model_dir/config.json, with data overrides applied."""
-    from cifar_dist.export import read_run_config  # noqa: PLC0415
-
-    saved = read_run_config(model_dir)
+    saved = RunDir(model_dir).read_trained_config()
     # Only what says where the data come from (+ the held-out split): training settings
     # and their cross-checks (which change between versions) do not matter here.
     values = {k: saved[k] for k in DATA_FIELDS + ("validation_size",) if k in saved}
@@ -97,21 +90,25 @@ def config_from_model_dir(model_dir: str, overrides: dict | None = None):
             values["data_dir"] = os.path.expanduser(values["data_dir"])
         cfg = config_lib.Config(**values)
     except (TypeError, ValueError, AttributeError) as e:  # e.g. "train_subset": "ten"
-        raise ModelError(f"{os.path.join(model_dir, 'config.json')}: a data setting of the "
+        raise ModelError(f"{RunDir(model_dir).join(CONFIG)}: a data setting of the "
                          f"wrong type ({type(e).__name__}: {e})") from None
-    # an empty cifar10 data_dir means "found automatically" (data.locate_cifar10)
+    # an empty cifar10 data_dir means "found automatically" (cifar10_files.locate_cifar10)
     if cfg.dataset in ("cifar10", "folder") and cfg.data_dir and not os.path.exists(cfg.data_dir):
         origin = ("--data_dir" if "data_dir" in overrides
-                  else f"data_dir {cfg.data_dir!r} from {model_dir}/config.json"
+                  else f"data_dir {cfg.data_dir!r} from {RunDir(model_dir).join(CONFIG)}"
                        + (" (relative to where training ran)" if not os.path.isabs(cfg.data_dir)
                           else ""))
         raise DataError(f"{origin}: not found from here; pass --data_dir=...")
     return cfg
 
 
-def select_split(bundle, split: str):
+def check_split_name(split: str) -> None:
     if split not in SPLITS:
         raise ConfigError(f"--split={split!r} is not one of {', '.join(SPLITS)}")
+
+
+def select_split(bundle, split: str):
+    check_split_name(split)
     chosen = getattr(bundle, split)
     if chosen is None:
         raise ConfigError("--split=validation: this run held out no validation split "
@@ -128,20 +125,21 @@ def flip_tta(model, images: np.ndarray, batch_size: int) -> np.ndarray:
 
 
 def summary_metrics(labels: np.ndarray, probs: np.ndarray, top_k: int) -> dict:
-    """Accuracy (+ binomial standard error), cross-entropy loss, top-k accuracy."""
+    """Accuracy (+ binomial standard error), cross-entropy loss, top-k accuracy. The loss
+    is Keras' categorical_crossentropy, the function training's evaluation step calls."""
+    import keras  # noqa: PLC0415
     from sklearn.metrics import top_k_accuracy_score  # noqa: PLC0415
 
     n, classes = probs.shape
-    p = probs.astype(np.float64)
-    p = p / p.sum(axis=1, keepdims=True)
-    p_true = np.clip(p[np.arange(n), labels], EPSILON, 1.0 - EPSILON)
+    per_example = keras.losses.categorical_crossentropy(np.eye(classes, dtype=np.float32)[labels],
+                                                        probs.astype(np.float32))
     accuracy = float(np.mean(np.argmax(probs, axis=1) == labels))
     k = min(top_k, classes)
     top = (float(top_k_accuracy_score(labels, probs, k=k, labels=np.arange(classes)))
            if k < classes else 1.0)
     return {"accuracy": accuracy,
             "accuracy_standard_error": math.sqrt(accuracy * (1.0 - accuracy) / n),
-            "loss": float(np.mean(-np.log(p_true))),
+            "loss": float(np.mean(keras.ops.convert_to_numpy(per_example), dtype=np.float64)),
             "top_k": k, "top_k_accuracy": top}
 
 
@@ -166,34 +164,9 @@ def classification_metrics(labels: np.ndarray, predicted: np.ndarray, class_name
 
 # --------------------------------------------------------------------------- curves
 
-HISTORY_NUMBERS = ("epoch", "step")  # what the curves need in every row
-MAX_HISTORY_BYTES = 16 * 2**20  # one short row per epoch: far fewer in any real run
-
-
-def read_history(model_dir: str) -> list:
-    """history.csv's rows ([] when there is none); DataError when it is not one that
-    training wrote (every row needs numeric epoch and step)."""
-    path = os.path.join(model_dir, "history.csv")
-    if not os.path.isfile(path):
-        return []
-    if os.path.getsize(path) > MAX_HISTORY_BYTES:
-        raise DataError(f"{path}: {os.path.getsize(path):,} bytes: not a training history")
-    try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        for row in rows:
-            for key in HISTORY_NUMBERS:
-                if not math.isfinite(float(row[key])):
-                    raise ValueError(f"{key} {row[key]}")
-    except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{path}: not a history.csv written by training "
-                        f"({type(e).__name__}: {e})") from None
-    return rows
-
-
 def read_tensorboard_scalars(model_dir: str, tags) -> dict:
     """{tag: (steps, values)} from model_dir/tensorboard; {} when there is none."""
-    folder = os.path.join(model_dir, "tensorboard")
+    folder = RunDir(model_dir).tensorboard
     if not os.path.isdir(folder):
         return {}
     import tensorflow as tf  # noqa: PLC0415
@@ -224,7 +197,7 @@ def plot_training_curves(model_dir: str, path: str, config: dict | None = None) 
     config: the run's config.json (labels the training curves)."""
     from cifar_dist import plots  # noqa: PLC0415
 
-    history = read_history(model_dir)
+    history = RunDir(model_dir).read_history()
     if not history:
         logging.info("%s has no history.csv: no training curves", model_dir)
         return False
@@ -263,53 +236,6 @@ def plot_training_curves(model_dir: str, path: str, config: dict | None = None) 
 
 
 # --------------------------------------------------------------------------- writing
-
-def _saved_config(model_dir: str) -> dict:
-    try:
-        with open(os.path.join(model_dir, "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
-
-
-def _prepare_output(output_dir: str) -> str:
-    """Checks output_dir may be (re)placed: absent, empty, or an earlier evaluation's folder
-    (only our file names in it), never e.g. the model_dir itself."""
-    output_dir = os.path.normpath(output_dir)
-    if os.path.exists(output_dir):
-        if not os.path.isdir(output_dir):
-            raise ConfigError(f"--output_dir={output_dir} is a file")
-        if not set(os.listdir(output_dir)) <= set(OUTPUT_FILES + PLOT_FILES):
-            raise ConfigError(f"--output_dir={output_dir} exists and is not an evaluation "
-                              "folder: it would be replaced; choose another")
-    parent = os.path.dirname(os.path.abspath(output_dir))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--output_dir={output_dir}: {parent} is not a writable folder")
-    return output_dir
-
-
-def _replace_folder(tmp: str, target: str) -> None:
-    """Moves tmp to target, replacing a folder there. The old one is first renamed away
-    (rmtree then rename would race with another evaluation finishing in between)."""
-    for _ in range(10):
-        try:
-            os.replace(tmp, target)  # atomic when target is absent or empty
-            return
-        except OSError as e:
-            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old-",
-                               dir=os.path.dirname(os.path.abspath(target)))
-        try:
-            os.replace(target, old)
-        except FileNotFoundError:  # another evaluation moved it away first
-            pass
-        shutil.rmtree(old, ignore_errors=True)
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise ConfigError(f"--output_dir={target}: kept being replaced by other evaluations")
-
 
 def _write_predictions(path, labels, predicted, confidence, class_names):
     with open(path, "w", newline="") as f:
@@ -355,13 +281,13 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     from cifar_dist import data  # noqa: PLC0415
 
     stop = signals.current() or signals.StopRequest()  # none in force: checks never fire
-
+    run = RunDir(model_dir)
     model_path = exported_model_path(model_dir)
-    if split not in SPLITS:
-        raise ConfigError(f"--split={split!r} is not one of {', '.join(SPLITS)}")
+    check_split_name(split)
     if top_k < 1 or batch_size < 1:
         raise ConfigError("--top_k and --eval_batch_size must be >= 1")
-    output_dir = _prepare_output(output_dir or os.path.join(model_dir, EVAL_SUBDIR))
+    output_dir = atomic.check_replaceable(output_dir or run.eval, "output_dir", "evaluation",
+                                          OUTPUT_FILES + PLOT_FILES)
     if isinstance(bundle_or_cfg, data.DataBundle):
         bundle = bundle_or_cfg
     else:
@@ -370,7 +296,7 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     stop.check()
     chosen = select_split(bundle, split)
     if plots:
-        read_history(model_dir)  # a damaged history.csv fails now, not after the metrics
+        run.read_history()  # a damaged history.csv fails now, not after the metrics
 
     from cifar_dist import export  # noqa: PLC0415
     model = export.load_exported(model_path)
@@ -401,45 +327,47 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
 
     # A private temporary folder beside output_dir: two evaluations at once (or one
     # beside training's own) never write into or delete each other's.
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(output_dir)}.tmp-",
-                           dir=os.path.dirname(os.path.abspath(output_dir)))
-    stop.clean_up_on_exit(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700, else: a folder like any other
     try:
-        files = list(OUTPUT_FILES)
-        _write_predictions(os.path.join(tmp, "predictions.csv"), labels, predicted,
-                           confidence, class_names)
-        with open(os.path.join(tmp, "classification_report.txt"), "w") as f:
-            f.write(_report_text(metrics, sklearn_text))
-        if plots:
-            from cifar_dist import plots as plots_lib  # noqa: PLC0415
-            accuracy = (f"accuracy {metrics['accuracy']:.2%} "
-                        f"(standard error {metrics['accuracy_standard_error']:.2%})")
-            plots_lib.confusion_matrix(
-                matrix, class_names, os.path.join(tmp, "confusion_matrix.png"),
-                title=f"{split}: {len(labels)} images, {accuracy}")
-            plots_lib.prediction_grid(
-                images, labels, predicted, confidence, class_names,
-                os.path.join(tmp, "predictions.png"),
-                title=f"{split}: most confident mistakes first (red: wrong, green: right; "
-                      "number: confidence)")
-            files += list(PLOT_FILES[:2])
-            if plot_training_curves(model_dir, os.path.join(tmp, "training_curves.png"),
-                                    _saved_config(model_dir)):
-                files.append("training_curves.png")
-        metrics["files"] = sorted(files)
-        with open(os.path.join(tmp, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        stop.check()  # the last moment to stop: output_dir is replaced as a whole below
-    except BaseException:  # Interrupted included
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    _replace_folder(tmp, output_dir)
+        with atomic.staged(output_dir, folder=True) as tmp:
+            _write_report(tmp, run, metrics, sklearn_text, matrix, images, labels, predicted,
+                          confidence, plots)
+            stop.check()  # the last moment to stop: output_dir is replaced as a whole after
+    except FileExistsError:
+        raise ConfigError(f"--output_dir={output_dir}: kept being replaced by other "
+                          "evaluations") from None
     logging.info("%s accuracy %.4f (+/- %.4f), loss %.4f; wrote %s", split, metrics["accuracy"],
                  metrics["accuracy_standard_error"], metrics["loss"], output_dir)
     return dict(metrics, eval_dir=output_dir)
+
+
+def _write_report(folder, run, metrics, sklearn_text, matrix, images, labels, predicted,
+                  confidence, plots) -> None:
+    """Writes OUTPUT_FILES (and PLOT_FILES) into folder; metrics gains "files"."""
+    class_names, split = metrics["class_names"], metrics["split"]
+    files = list(OUTPUT_FILES)
+    _write_predictions(os.path.join(folder, "predictions.csv"), labels, predicted,
+                       confidence, class_names)
+    with open(os.path.join(folder, "classification_report.txt"), "w") as f:
+        f.write(_report_text(metrics, sklearn_text))
+    if plots:
+        from cifar_dist import plots as plots_lib  # noqa: PLC0415
+        accuracy = (f"accuracy {metrics['accuracy']:.2%} "
+                    f"(standard error {metrics['accuracy_standard_error']:.2%})")
+        plots_lib.confusion_matrix(
+            matrix, class_names, os.path.join(folder, "confusion_matrix.png"),
+            title=f"{split}: {len(labels)} images, {accuracy}")
+        plots_lib.prediction_grid(
+            images, labels, predicted, confidence, class_names,
+            os.path.join(folder, "predictions.png"),
+            title=f"{split}: most confident mistakes first (red: wrong, green: right; "
+                  "number: confidence)")
+        files += list(PLOT_FILES[:2])
+        if plot_training_curves(run.path, os.path.join(folder, "training_curves.png"),
+                                run.read_config()):
+            files.append("training_curves.png")
+    metrics["files"] = sorted(files)
+    with open(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
 
 
 # --------------------------------------------------------------------------- command line
@@ -474,7 +402,7 @@ def evaluate_command(fv, args) -> int:
         model_dir = os.path.expanduser(fv.model_dir or "")
         exported_model_path(model_dir)  # fail fast, before the data load
         stop.model_dir = model_dir  # a signal from now on: 75 when the run has checkpoints
-        owner = preflight.lock_owner(model_dir)
+        owner = RunDir(model_dir).lock_owner()
         if owner is not None:
             # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
             raise ConfigError(f"--model_dir={model_dir} is in use by a run still training "
@@ -494,14 +422,7 @@ def evaluate_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, define_flags, evaluate_command)
-
-
-def run():
-    """Console-script entry point."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, define_flags, evaluate_command)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import contextlib
 import gc
 import json
 import os
-import shutil
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
@@ -34,20 +33,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from cifar_dist import cli  # noqa: E402
-from cifar_dist.errors import CheckpointError, ConfigError, UserError, printable  # noqa: E402
+from cifar_dist import atomic, cli  # noqa: E402
+from cifar_dist.errors import (CheckpointError, ModelError, UserError,  # noqa: E402
+                               printable)
+from cifar_dist.run_dir import (CLASS_NAMES_FILE, CONFIG, EXPORT, KERAS_FILE,  # noqa: E402
+                                SAVED_MODEL_DIR, RunDir)
 
 # TensorFlow and Keras are imported inside the functions that need them: the command line
 # then rejects bad input at once, before TensorFlow's start-up noise on stderr.
-
-EXPORT_SUBDIR = "export"
-KERAS_FILE = "model.keras"
-SAVED_MODEL_DIR = "saved_model"
-CLASS_NAMES_FILE = "class_names.json"
-
-
-class ModelError(UserError):
-    """No usable exported model where the user pointed."""
 
 
 # --------------------------------------------------------------------------- writing
@@ -88,79 +81,34 @@ def serving_module(model, class_names):
 
 
 def check_replaceable(export_dir: str) -> str:
-    """export_dir is replaced as a whole: it must be absent, empty or an earlier export
-    (never, say, the model_dir with its checkpoints)."""
-    export_dir = os.path.normpath(export_dir)  # "dir/" + ".tmp" would land inside dir
-    if os.path.exists(export_dir):
-        if not os.path.isdir(export_dir) or not set(os.listdir(export_dir)) <= {
-                SAVED_MODEL_DIR, KERAS_FILE, CLASS_NAMES_FILE}:
-            raise ConfigError(f"--export_dir={export_dir} exists and is not an export folder: "
-                              "it would be replaced; choose another")
-    parent = os.path.dirname(os.path.abspath(export_dir))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"--export_dir={export_dir}: {parent} is not a writable folder")
-    return export_dir
+    """export_dir is replaced as a whole: it must be absent, empty or an earlier export."""
+    return atomic.check_replaceable(export_dir, "export_dir", "export",
+                                    (SAVED_MODEL_DIR, KERAS_FILE, CLASS_NAMES_FILE))
 
 
 def export_model(model, class_names, export_dir: str) -> str:
-    """Writes export_dir atomically (a temporary folder renamed into place)."""
+    """Writes export_dir atomically (a temporary folder renamed into place): a signal
+    (signals.Interrupted) or an error leaves no half export."""
     import tensorflow as tf  # noqa: PLC0415
 
     export_dir = check_replaceable(export_dir)
     plain = plain_float32_copy(model, len(class_names))
-    tmp = export_dir + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with atomic.staged(export_dir, folder=True) as tmp:
         module = serving_module(plain, class_names)
         tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL_DIR),
                             signatures={"serving_default": module.serve})
         plain.save(os.path.join(tmp, KERAS_FILE))
         with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
             json.dump(list(class_names), f)
-    except BaseException:  # a signal (signals.Interrupted) or an error: no half export left
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(export_dir, ignore_errors=True)
-    os.replace(tmp, export_dir)
     logging.info("exported %s", export_dir)
     return export_dir
 
 
-def read_run_config(model_dir: str) -> dict:
-    """model_dir/config.json as written by training (Config fields + num_classes, class_names)."""
-    if not os.path.isdir(model_dir):
-        raise ModelError(f"--model_dir={model_dir}: no such folder")
-    path = os.path.join(model_dir, "config.json")
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except FileNotFoundError:
-        raise ModelError(f"{path}: missing (is {model_dir} a training model_dir?)") from None
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
-    if not isinstance(saved, dict) or not isinstance(saved.get("class_names"), list) \
-            or not isinstance(saved.get("model"), str):
-        raise ModelError(f"{path}: has no 'model' and 'class_names' (not written by cifar_dist?)")
-    return saved
-
-
-def latest_checkpoint(model_dir: str) -> str:
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    if not os.path.isfile(os.path.join(ckpt_dir, "checkpoint")):  # checked before importing TF
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export")
-    import tensorflow as tf  # noqa: PLC0415
-
-    path = tf.train.latest_checkpoint(ckpt_dir)
-    if not path:
-        raise CheckpointError(f"{ckpt_dir}: no checkpoint to export")
-    return path
-
-
 def model_from_checkpoint(model_dir: str, checkpoint: str = "") -> tuple:
     """(float32 Keras model with the checkpoint's weights, run config, checkpoint path)."""
-    saved = read_run_config(model_dir)
-    path = checkpoint or latest_checkpoint(model_dir)
+    run = RunDir(model_dir)
+    saved = run.read_trained_config()
+    path = checkpoint or run.latest_checkpoint()
     import tensorflow as tf  # noqa: PLC0415
 
     from cifar_dist.model import build_model  # noqa: PLC0415
@@ -170,7 +118,7 @@ def model_from_checkpoint(model_dir: str, checkpoint: str = "") -> tuple:
     try:
         model = build_model(saved["model"], len(saved["class_names"]), "float32")
     except ValueError as e:
-        raise ModelError(f"{model_dir}/config.json: {e}") from None
+        raise ModelError(f"{run.join(CONFIG)}: {e}") from None
     reason = _restore(model, path, averaged=bool(saved.get("ema_decay")))
     if reason:
         # A restore that failed half-way leaves deferred restorations behind, whose
@@ -228,8 +176,8 @@ def _restore(model, path: str, averaged: bool = False) -> str:
 
 def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str = "") -> str:
     """Builds the run's model, restores the checkpoint (newest by default), exports it."""
-    read_run_config(model_dir)  # a missing model_dir is the first thing to say
-    export_dir = check_replaceable(export_dir or os.path.join(model_dir, EXPORT_SUBDIR))
+    RunDir(model_dir).read_trained_config()  # a missing model_dir is the first thing to say
+    export_dir = check_replaceable(export_dir or RunDir(model_dir).export)
     model, saved, path = model_from_checkpoint(model_dir, checkpoint)
     out = export_model(model, saved["class_names"], export_dir)
     logging.info("exported %s from %s", out, path)
@@ -381,14 +329,14 @@ def load_exported(path: str) -> ExportedModel:
             return _load_keras(path)
         raise ModelError(f"{path}: not a model (give an export folder, a .keras file "
                          "or a SavedModel folder)")
-    for candidate in (path, os.path.join(path, EXPORT_SUBDIR)):
+    for candidate in (path, os.path.join(path, EXPORT)):
         if os.path.isfile(os.path.join(candidate, KERAS_FILE)):
             return _load_keras(os.path.join(candidate, KERAS_FILE))
         for saved_model in (candidate, os.path.join(candidate, SAVED_MODEL_DIR)):
             if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
                 return _load_saved_model(saved_model)
     raise ModelError(f"{path}: no exported model here (expected {KERAS_FILE}, {SAVED_MODEL_DIR}/ "
-                     f"or {EXPORT_SUBDIR}/; `python -m cifar_dist.export --model_dir=...` "
+                     f"or {EXPORT}/; `python -m cifar_dist.export --model_dir=...` "
                      "makes one from a checkpoint)")
 
 
@@ -412,14 +360,7 @@ def export_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, define_flags, export_command)
-
-
-def run():
-    """Console-script entry point."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, define_flags, export_command)
 
 
 if __name__ == "__main__":

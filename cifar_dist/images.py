@@ -1,4 +1,4 @@
-"""Image files -> uint8 [32, 32, 3]: the folder data source and `predict` share this.
+"""Image files -> uint8 [32, 32, 3]: the folder data source (data.py) and `predict` share this.
 
 Any size is resized to 32x32 (area averaging when shrinking); grayscale, palette, CMYK,
 RGBA (alpha dropped) and 16-bit images are converted to 8-bit RGB; an animated image
@@ -14,15 +14,11 @@ import warnings
 import numpy as np
 from PIL import Image
 
-from cifar_dist.errors import DataError
+from cifar_dist.errors import DataError, ImageError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_PIXELS = 40_000_000  # ~ a 6300x6300 photo; a bomb claims far more
 SIZE = 32
-
-
-class ImageError(DataError):
-    """One unreadable image (predict reports it and goes on)."""
 
 
 def _to_rgb8(img: Image.Image) -> Image.Image:
@@ -73,7 +69,9 @@ def list_images(folder: str):
     return out
 
 
-def _load_class_folders(root: str, class_names=None):
+def load_class_folders(root: str, class_names=None):
+    """ROOT/<class name>/<images> -> (uint8 images [N, 32, 32, 3], int32 labels, class
+    names: the sorted subfolder names unless given)."""
     if class_names is None:
         class_names = tuple(sorted(d for d in os.listdir(root)
                                    if os.path.isdir(os.path.join(root, d))))
@@ -97,26 +95,3 @@ def _load_class_folders(root: str, class_names=None):
             images.append(load_image(path)[0])
             labels.append(label)
     return np.stack(images), np.asarray(labels, np.int32), class_names
-
-
-def load_image_folder(root: str):
-    """ROOT/train/<class>/*, ROOT/test/<class>/* ; or ROOT/<class>/* with a 10% test holdout."""
-    from cifar_dist.data import DataBundle, Split  # noqa: PLC0415 (data imports us lazily)
-
-    if not os.path.isdir(root):
-        raise DataError(f"--data_dir={root}: not a folder")
-    train_root, test_root = os.path.join(root, "train"), os.path.join(root, "test")
-    if os.path.isdir(train_root):
-        x, y, names = _load_class_folders(train_root)
-        if os.path.isdir(test_root):
-            tx, ty, _ = _load_class_folders(test_root, names)
-            return DataBundle(Split(x, y), Split(tx, ty), names, source=f"image folder {root}")
-    else:
-        x, y, names = _load_class_folders(root)
-    # No test/ folder: every 10th image (a fixed choice) is the test split.
-    test = np.zeros(len(y), bool)
-    test[::10] = True
-    if test.all():
-        raise DataError(f"{root}: too few images to hold out a test split")
-    return DataBundle(Split(x[~test], y[~test]), Split(x[test], y[test]), names,
-                      source=f"image folder {root}")

@@ -18,7 +18,6 @@ resume, or to finish the export); 76 stopped by a signal before any checkpoint e
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import logging
 
@@ -59,18 +58,17 @@ def train_main(cfg) -> dict:
 def export_and_evaluate(cfg, trainer, bundle, metrics, stop) -> None:
     """The exported model and DIR/eval/ (report, confusion matrix, plots) on the chief.
     A rerun of a finished run writes only what is missing."""
-    from cifar_dist import evaluate, export, run_dir  # noqa: PLC0415
+    from cifar_dist import evaluate, export  # noqa: PLC0415
 
     rerun = trainer.finished_record is not None
-    export_dir = trainer.run_dir.join(run_dir.EXPORT)
-    stop.clean_up_on_exit(export_dir + ".tmp")
+    export_dir = trainer.run_dir.export
     stop.check()
     if not (rerun and os.path.isdir(export_dir)):
         logging.info("exporting into %s", export_dir)
         with trainer.averaged_weights():  # --ema_decay: the averaged weights are the model
             export.export_model(trainer.model, bundle.class_names, export_dir)
     stop.check()
-    if rerun and os.path.isdir(trainer.run_dir.join(run_dir.EVAL)):
+    if rerun and os.path.isdir(trainer.run_dir.eval):
         return
     try:
         evaluate.evaluate_model_dir(cfg.model_dir, bundle)
@@ -107,14 +105,7 @@ def train_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, config_lib.define_flags, train_command)
-
-
-def run():
-    """Console-script entry point (cifar-dist-train)."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, config_lib.define_flags, train_command)
 
 
 if __name__ == "__main__":

@@ -28,8 +28,15 @@ ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Ad
 LOSS_SCALE_GROWTH_STEPS = 2000  # keras.optimizers.LossScaleOptimizer's dynamic_growth_steps
 
 
-class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
-    """Linear warmup from 0 to `peak`, then linear decay to 0 (onecycle), cosine, or constant."""
+class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    """--schedule: one of three shapes after a linear warmup from 0 to `peak` over
+    `warmup_steps` (--warmup_fraction; none when 0): "onecycle" (linear decay to 0 at
+    `total_steps`), "cosine" (cosine decay to 0) or "constant" (`peak` throughout).
+
+    A pure function of the step with no variables: checkpoints hold only the step counter
+    it reads (Update.iterations), so this class and its name are not in them.
+    """
+
 
     def __init__(self, peak, total_steps, warmup_steps, kind="onecycle"):
         self.peak, self.total, self.warmup, self.kind = peak, total_steps, warmup_steps, kind
@@ -60,8 +67,8 @@ def peak_learning_rate(cfg) -> float:
     return cfg.learning_rate * {"none": 1.0, "linear": ratio, "sqrt": math.sqrt(ratio)}[cfg.lr_scaling]
 
 
-def make_schedule(cfg, total_steps: int) -> WarmupSchedule:
-    return WarmupSchedule(peak_learning_rate(cfg), total_steps,
+def make_schedule(cfg, total_steps: int) -> LearningRateSchedule:
+    return LearningRateSchedule(peak_learning_rate(cfg), total_steps,
                           int(round(cfg.warmup_fraction * total_steps)), cfg.schedule)
 
 

@@ -37,6 +37,14 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return steps
 
 
+def per_replica_batch(global_batch: int, num_replicas: int) -> int:
+    """The batch of one replica; ConfigError unless --batch_size divides among the replicas."""
+    if global_batch % num_replicas:
+        raise ConfigError(f"--batch_size={global_batch} does not divide among {num_replicas} "
+                          f"replicas: use a multiple of {num_replicas}")
+    return global_batch // num_replicas
+
+
 def epoch_order(seed: int, epoch, num_examples: int, length: int) -> tf.Tensor:
     """The first `length` positions of epoch `epoch`'s permutation of range(num_examples)."""
     key = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
@@ -102,13 +110,10 @@ def train_dataset(images: np.ndarray, labels: np.ndarray, *, global_batch: int, 
     Elements come in the order the distributed iterator hands them to this worker's
     replicas: step by step, local replica 0, 1, ... within each step.
     """
-    if global_batch % num_replicas:
-        raise ConfigError(f"--batch_size={global_batch} does not divide among {num_replicas} "
-                          f"replicas: use a multiple of {num_replicas}")
+    per_replica = per_replica_batch(global_batch, num_replicas)
     if num_replicas % num_pipelines:
         raise ConfigError(f"{num_replicas} replicas do not divide among {num_pipelines} workers")
     n = int(labels.shape[0])
-    per_replica = global_batch // num_replicas
     local = num_replicas // num_pipelines
     steps = steps_per_epoch(n, global_batch)
     start_epoch, offset = divmod(start_step, steps)

@@ -22,6 +22,7 @@ usable model: one line on stderr, nothing written).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -32,10 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from cifar_dist import cli  # noqa: E402
+from cifar_dist import atomic, cli  # noqa: E402
 from cifar_dist import images as images_lib  # noqa: E402
-from cifar_dist.errors import ConfigError, printable  # noqa: E402
-from cifar_dist.export import ModelError  # noqa: E402 (light: TensorFlow loads lazily)
+from cifar_dist.errors import ConfigError, ImageError, ModelError, printable  # noqa: E402
 
 SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets",
                              "seed_model.keras")
@@ -87,7 +87,7 @@ def _load(path: str):
     try:
         array, size = images_lib.load_image(path)
         return array, size, ""
-    except images_lib.ImageError as e:
+    except ImageError as e:
         return None, None, str(e)
     except (OSError, MemoryError) as e:  # e.g. permission denied on open
         return None, None, printable(f"{path}: {type(e).__name__}: {e}")
@@ -146,14 +146,14 @@ def predict_command(fv, paths) -> int:
     files, failures = expand_paths(paths)
     for result in failures:  # paths that gave no files at all
         print(f"cifar_dist: error: {result.error}", file=sys.stderr)
-    tmp = fv.output + ".tmp" if fv.output else ""
     # File names go through printable(), so the CSV is always valid UTF-8, one row per
     # line; stdout in an ASCII locale escapes the rest instead of stopping half-way.
-    if not tmp and hasattr(sys.stdout, "reconfigure"):
+    if not fv.output and hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
-    out = open(tmp, "w", newline="", encoding="utf-8") if tmp else sys.stdout
+    # --output: whole or not at all.
     ok = resized = 0
-    try:
+    with (atomic.writing(fv.output, newline="", encoding="utf-8") if fv.output
+          else contextlib.nullcontext(sys.stdout)) as out:
         writer = csv.writer(out)
         writer.writerow(["path", "label", "confidence"] + list(model.class_names))
         for result in predict_files(model, files, fv.batch_size):
@@ -172,14 +172,6 @@ def predict_command(fv, paths) -> int:
             writer.writerow([printable(result.path), model.class_names[best], f"{p[best]:.6f}"]
                             + [f"{v:.6f}" for v in p])
             ok += 1
-    except BaseException:
-        if tmp:
-            out.close()
-            os.remove(tmp)
-        raise
-    if tmp:
-        out.close()
-        os.replace(tmp, fv.output)  # whole or not at all
     if resized > MAX_RESIZE_NOTES:
         print(f"cifar_dist: note: {resized - MAX_RESIZE_NOTES} more images resized to 32x32",
               file=sys.stderr)
@@ -190,14 +182,7 @@ def predict_command(fv, paths) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, define_flags, predict_command)
-
-
-def run():
-    """Console-script entry point."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, define_flags, predict_command)
 
 
 if __name__ == "__main__":

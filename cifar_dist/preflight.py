@@ -1,13 +1,17 @@
 """Checks that run before training starts, so a bad setting fails in seconds, not after an
-epoch; and the model_dir lock that keeps two runs from writing the same folder."""
+epoch; and what this host offers a launcher (free ports, the GPUs nvidia-smi lists).
+
+No TensorFlow here: launch/local.py imports this module (and errors.py) too. The model_dir
+lock lives in run_dir.py, with everything else under model_dir.
+"""
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import shutil
 import socket
+import subprocess
 
 from cifar_dist.errors import ClusterError, ConfigError
 
@@ -43,10 +47,8 @@ def check_disk_space(path: str, num_params: int, keep: int) -> None:
 
 
 def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports on this host (all n sockets stay open until all are chosen).
-
-    For launching local workers; launch/local.py keeps its own copy so that the launcher
-    imports nothing from cifar_dist (and so no TensorFlow)."""
+    """n distinct free TCP ports on this host (all n sockets stay open until all are chosen),
+    for local workers (launch/local.py, the tests, the benchmark)."""
     socks = []
     try:
         for _ in range(n):
@@ -57,6 +59,19 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def nvidia_smi_gpus(timeout: float = 60) -> list[str] | None:
+    """The GPU ids `nvidia-smi -L` lists ("0", "1", ...), or None when there is no
+    nvidia-smi or it fails (no driver, a CPU node)."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                                 timeout=timeout, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return [str(i) for i, line in enumerate(listing.splitlines()) if line.startswith("GPU ")]
 
 
 def check_cluster_addresses(tf_config_raw: str) -> None:
@@ -81,54 +96,3 @@ def check_cluster_addresses(tf_config_raw: str) -> None:
                     except OSError:
                         raise ClusterError(f"TF_CONFIG: this worker's port {port} is already in "
                                            "use (another job on this host?)") from None
-
-
-class ModelDirLock:
-    """An exclusive advisory lock on model_dir/.lock for the life of the run.
-
-    The kernel drops it when the process dies (even by SIGKILL), so a crashed run never
-    leaves a stale lock behind. Needs a filesystem with working flock (local disks, most
-    cluster filesystems; see BUILD_NOTES.md).
-    """
-
-    def __init__(self, model_dir: str):
-        self.path = os.path.join(model_dir, ".lock")
-        self.fd = None
-
-    def __enter__(self):
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            owner = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
-            os.close(self.fd)
-            self.fd = None
-            raise ConfigError(f"--model_dir={os.path.dirname(self.path)} is in use by another "
-                              f"run (pid {owner}); wait for it or use another --model_dir")
-        os.ftruncate(self.fd, 0)
-        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-        return False
-
-
-def lock_owner(model_dir: str):
-    """The pid (a string, "?" if unknown) of the run holding model_dir/.lock, or None when
-    no run holds it. Creates and writes nothing: a shared lock is taken and dropped."""
-    try:
-        fd = os.open(os.path.join(model_dir, ".lock"), os.O_RDONLY)
-    except OSError:  # no lock file (no run ever trained here), or unreadable: cannot tell
-        return None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)

@@ -6,53 +6,50 @@
       metrics.json     the final figures
       checkpoints/     tf.train.CheckpointManager checkpoints
       tensorboard/     summaries (and profiler traces)
-      export/          the exported model (export.py)
+      export/          the exported model (export.py: model.keras, saved_model/, class_names.json)
       eval/            the evaluation report (evaluate.py)
       .lock            held by the run that trains here
 
-Every write goes to a temporary file first and is renamed into place, so a crash leaves
-either the old file or the new one.
+Every write goes through atomic.py (a temporary file renamed into place), so a crash
+leaves either the old file or the new one. Every reader raises one error line
+(CheckpointError, DataError, ModelError) for a file that is there but not what training
+writes; a file that is not there yet is None ([] for the history).
 """
 
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
+import math
 import os
 
-from cifar_dist import preflight
-from cifar_dist.errors import CheckpointError
+from cifar_dist import atomic
+from cifar_dist.errors import CheckpointError, ConfigError, DataError, ModelError
 
 CONFIG, HISTORY, METRICS = "config.json", "history.csv", "metrics.json"
 CHECKPOINTS, TENSORBOARD, EXPORT, EVAL = "checkpoints", "tensorboard", "export", "eval"
+LOCK = ".lock"
+# What an export folder holds (export.py writes it; evaluate, predict and tools/ read it).
+KERAS_FILE, SAVED_MODEL_DIR, CLASS_NAMES_FILE = "model.keras", "saved_model", "class_names.json"
+CHECKPOINT_STATE = "checkpoint"  # tf.train.CheckpointManager's state file in checkpoints/
 INT_COLUMNS = ("epoch", "step", "skipped_steps")
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=str)
-    os.replace(tmp, path)
+HISTORY_NUMBERS = ("epoch", "step")  # what every row needs (the curves' x axis)
+MAX_HISTORY_BYTES = 16 * 2**20  # one short row per epoch: far fewer in any real run
 
 
 class RunDir:
     def __init__(self, path: str):
         self.path = path
+        self.checkpoints, self.tensorboard, self.export, self.eval = (
+            self.join(name) for name in (CHECKPOINTS, TENSORBOARD, EXPORT, EVAL))
 
     def join(self, *parts) -> str:
         return os.path.join(self.path, *parts)
 
-    @property
-    def checkpoints(self) -> str:
-        return self.join(CHECKPOINTS)
-
-    @property
-    def tensorboard(self) -> str:
-        return self.join(TENSORBOARD)
-
-    def lock(self) -> preflight.ModelDirLock:
-        os.makedirs(self.path, exist_ok=True)
-        return preflight.ModelDirLock(self.path)
+    def has_checkpoint(self) -> bool:
+        """Whether a checkpoint was completed here (its state file exists; no TensorFlow)."""
+        return os.path.isfile(self.join(CHECKPOINTS, CHECKPOINT_STATE))
 
     # ------------------------------------------------------------------ config.json
 
@@ -65,18 +62,32 @@ class RunDir:
             with open(path) as f:
                 obj = json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"{path} is unreadable ({type(e).__name__}: {e}); "
+            raise CheckpointError(f"{path}: unreadable ({type(e).__name__}: {e}); "
                                   f"{way_out}") from None
         if not isinstance(obj, dict):
-            raise CheckpointError(f"{path} is not a JSON object; {way_out}")
+            raise CheckpointError(f"{path}: not a JSON object; {way_out}")
         return obj
 
     def read_config(self) -> dict | None:
-        """The saved configuration, or None when there is none yet."""
+        """The saved configuration (Config fields + num_classes, class_names, replicas,
+        workers), or None when there is none yet."""
         return self._read_json(CONFIG, "restore it or use another --model_dir")
 
+    def read_trained_config(self) -> dict:
+        """config.json of a run that trained here (export, evaluate, tools/ship_model.py):
+        ModelError when the folder or the file is missing or is not training's."""
+        if not os.path.isdir(self.path):
+            raise ModelError(f"--model_dir={self.path}: no such folder")
+        saved = self.read_config()
+        path = self.join(CONFIG)
+        if saved is None:
+            raise ModelError(f"{path}: missing (is {self.path} a training model_dir?)")
+        if not isinstance(saved.get("class_names"), list) or not isinstance(saved.get("model"), str):
+            raise ModelError(f"{path}: has no 'model' and 'class_names' (not written by cifar_dist?)")
+        return saved
+
     def write_config(self, config: dict) -> None:
-        write_json_atomic(self.join(CONFIG), config)
+        atomic.write_json(self.join(CONFIG), config)
 
     def check_resume(self, shaping: dict) -> None:
         """Refuses to resume a run whose shaping settings differ from `shaping`."""
@@ -93,6 +104,40 @@ class RunDir:
                                   f"{' (' + flags + ')' if flags else ''} or use another "
                                   "--model_dir")
 
+    # ------------------------------------------------------------------ history.csv, metrics.json
+
+    def read_history(self) -> list:
+        """history.csv's rows, numbers as numbers ([] when there is none); DataError when it
+        is not one that training wrote (every row needs a finite epoch and step)."""
+        path = self.join(HISTORY)
+        if not os.path.isfile(path):
+            return []
+        if os.path.getsize(path) > MAX_HISTORY_BYTES:
+            raise DataError(f"{path}: {os.path.getsize(path):,} bytes: not a training history")
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = [{k: (int(float(v)) if k in INT_COLUMNS else float(v))
+                         for k, v in row.items() if v not in ("", None)}
+                        for row in csv.DictReader(f)]
+            for row in rows:
+                for key in HISTORY_NUMBERS:
+                    if not math.isfinite(row[key]):
+                        raise ValueError(f"{key} {row[key]}")
+        except (OSError, UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError,
+                OverflowError) as e:
+            raise DataError(f"{path}: not a history.csv written by training "
+                            f"({type(e).__name__}: {e})") from None
+        return rows
+
+    def write_history(self, history: list) -> None:
+        keys = []
+        for row in history:
+            keys += [k for k in row if k not in keys]
+        with atomic.writing(self.join(HISTORY), newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+
     def read_metrics(self) -> dict | None:
         way_out = "delete it to have the run's final figures written again"
         metrics = self._read_json(METRICS, way_out)
@@ -101,29 +146,8 @@ class RunDir:
                                   f"{way_out}")
         return metrics
 
-    # ------------------------------------------------------------------ history.csv, metrics.json
-
-    def read_history(self) -> list:
-        path = self.join(HISTORY)
-        if not os.path.exists(path):
-            return []
-        with open(path, newline="") as f:
-            return [{k: (int(float(v)) if k in INT_COLUMNS else float(v))
-                     for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-    def write_history(self, history: list) -> None:
-        keys = []
-        for row in history:
-            keys += [k for k in row if k not in keys]
-        tmp = self.join(HISTORY + ".tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=keys)
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(tmp, self.join(HISTORY))
-
     def write_metrics(self, metrics: dict) -> None:
-        write_json_atomic(self.join(METRICS), metrics)
+        atomic.write_json(self.join(METRICS), metrics)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -131,3 +155,70 @@ class RunDir:
         import tensorflow as tf  # noqa: PLC0415 (the rest of this module needs no TensorFlow)
 
         return tf.train.CheckpointManager(checkpoint, self.checkpoints, max_to_keep=keep)
+
+    def latest_checkpoint(self) -> str:
+        """The newest checkpoint's prefix; CheckpointError when there is none."""
+        if not self.has_checkpoint():  # checked before importing TensorFlow
+            raise CheckpointError(f"{self.checkpoints}: no checkpoint to export")
+        import tensorflow as tf  # noqa: PLC0415
+
+        path = tf.train.latest_checkpoint(self.checkpoints)
+        if not path:
+            raise CheckpointError(f"{self.checkpoints}: no checkpoint to export")
+        return path
+
+    # ------------------------------------------------------------------ the lock
+
+    def lock(self) -> "ModelDirLock":
+        os.makedirs(self.path, exist_ok=True)
+        return ModelDirLock(self.path)
+
+    def lock_owner(self):
+        """The pid (a string, "?" if unknown) of the run holding model_dir/.lock, or None
+        when no run holds it. Creates and writes nothing: a shared lock is taken and dropped."""
+        try:
+            fd = os.open(self.join(LOCK), os.O_RDONLY)
+        except OSError:  # no lock file (no run ever trained here), or unreadable: cannot tell
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                return os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
+
+class ModelDirLock:
+    """An exclusive advisory lock on model_dir/.lock for the life of the run.
+
+    The kernel drops it when the process dies (even by SIGKILL), so a crashed run never
+    leaves a stale lock behind. Needs a filesystem with working flock (local disks, most
+    cluster filesystems; see BUILD_NOTES.md).
+    """
+
+    def __init__(self, model_dir: str):
+        self.path = os.path.join(model_dir, LOCK)
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(self.fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(f"--model_dir={os.path.dirname(self.path)} is in use by another "
+                              f"run (pid {owner}); wait for it or use another --model_dir")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, str(os.getpid()).encode(), 0)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        return False

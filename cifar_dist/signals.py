@@ -6,35 +6,34 @@ In every other phase (start-up, data loading, cluster forming, building, export,
 evaluation) the run checks the flag at each phase boundary (`stop.check()` raises
 `Interrupted`), and a watchdog thread started by the signal ends the process
 GRACE_SECONDS later if the main thread has not reached a boundary by then (stuck in a
-call that never returns: a read that never ends), removing the temporary paths
-registered with `stop.clean_up_on_exit`. Neither helps inside a call that holds the GIL
-(no Python code runs at all): TensorFlow's cluster formation is one, so
-distribute.wait_for_workers waits for the other workers in Python first, checking
-`current()` as it polls. The handler never raises itself: an exception thrown into
-arbitrary library code (an `import tensorflow` half done) turns into some other error.
+call that never returns: a read that never ends), removing every temporary still being
+written (atomic.remove_staged). Neither helps inside a call that holds the GIL (no Python
+code runs at all): TensorFlow's cluster formation is one, so distribute.wait_for_workers
+waits for the other workers in Python first, checking `current()` as it polls. The
+handler never raises itself: an exception thrown into arbitrary library code (an
+`import tensorflow` half done) turns into some other error.
 
 main.py installs this before TensorFlow starts, and again after the strategy exists,
 because MultiWorkerMirroredStrategy installs a SIGTERM handler of its own that only
 records the signal (a SIGTERM in the second or so that TensorFlow takes to form a cluster
 whose workers have all started is lost to it).
 
-Not tf.distribute.experimental.PreemptionCheckpointHandler: it checkpoints and exits on
-its own terms (its own checkpoint manager, exit code and platform-specific signal
-watching) and knows nothing of the phases outside the loop, while requeue and resume
-here rest on exit 75 and the run directory's one CheckpointManager.
+Not tf.distribute.experimental.PreemptionCheckpointHandler: BUILD_NOTES.md ("What the
+package writes itself") says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import threading
 
 from absl import logging
 
+from cifar_dist import atomic
 from cifar_dist.errors import Interrupted
+from cifar_dist.run_dir import RunDir
 
 GRACE_SECONDS = 10.0
 
@@ -59,7 +58,6 @@ class StopRequest:
         self.model_dir = model_dir
         self._deferring = False
         self._watchdog = None
-        self._temporary = []
         self._loop_took_over = False  # from then on the loop, not the watchdog, acts on a signal
         self._previous = {}
         self._depth = 0
@@ -102,20 +100,20 @@ class StopRequest:
     def check(self) -> None:
         """A phase boundary outside the loop: a signal received so far ends the run here."""
         if self.signal is not None and not self._deferring:
-            raise Interrupted(self.signal, self.model_dir)
+            raise self.interrupted(self.signal)
 
-    def clean_up_on_exit(self, *paths) -> None:
-        """Temporary paths the watchdog removes if it has to end the process itself."""
-        self._temporary.extend(paths)
+    def interrupted(self, signum: int) -> Interrupted:
+        """The error a stop outside the loop ends with (75 with a checkpoint, else 76)."""
+        return Interrupted(signum, self.model_dir,
+                           bool(self.model_dir) and RunDir(self.model_dir).has_checkpoint())
 
     def _hard_exit(self, signum):
         """The main thread had GRACE_SECONDS to reach a phase boundary; it is stuck: end here."""
         threading.Event().wait(GRACE_SECONDS)
         if self._loop_took_over:  # the loop started meanwhile: it stops at a call boundary
             return
-        for path in self._temporary:
-            shutil.rmtree(path, ignore_errors=True)
-        e = Interrupted(signum, self.model_dir)
+        atomic.remove_staged()
+        e = self.interrupted(signum)
         os.write(2, f"cifar_dist: {e} (forced after {GRACE_SECONDS:.0f} s)\n".encode())
         os._exit(e.exit_code)
 

@@ -44,10 +44,6 @@ REDUCED, SUMMED = 5, 6
 LOSS_SUM, CORRECT, COUNT, NONFINITE, STOP, SKIPPED, LEARNING_RATE, SKIPPED_TOTAL = range(len(STATS))
 
 
-def stats_dict(vector) -> dict:
-    return dict(zip(STATS, (float(x) for x in vector)))
-
-
 class TrainSteps:
     """Builds the compiled functions of one run (model, update and counters already exist)."""
 

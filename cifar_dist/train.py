@@ -109,9 +109,7 @@ class Trainer:
     def __init__(self, cfg, strategy, cluster, bundle):
         self.cfg, self.strategy, self.cluster, self.bundle = cfg, strategy, cluster, bundle
         self.replicas = strategy.num_replicas_in_sync
-        if cfg.batch_size % self.replicas:
-            raise ConfigError(f"--batch_size={cfg.batch_size} does not divide among "
-                              f"{self.replicas} replicas: use a multiple of {self.replicas}")
+        pipeline.per_replica_batch(cfg.batch_size, self.replicas)
         self.steps_per_epoch = pipeline.steps_per_epoch(len(bundle.train), cfg.batch_size)
         self.total_steps = cfg.train_steps or cfg.train_epochs * self.steps_per_epoch
         self.steps_per_loop = resolve_steps_per_loop(cfg.steps_per_loop,

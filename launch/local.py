@@ -38,23 +38,29 @@ import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)  # run as `python launch/local.py` from a checkout
+
+# Light modules only (no TensorFlow in the launcher): the exit codes, ports and GPUs.
+from cifar_dist.errors import (EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_PEER_LOST,  # noqa: E402
+                               EXIT_STOPPED, EXIT_STOPPED_EARLY)
+from cifar_dist.preflight import free_ports, nvidia_smi_gpus  # noqa: E402
+
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-STOPPED = 75  # cifar_dist.main: stopped by a signal after saving a checkpoint
-STOPPED_EARLY = 76  # cifar_dist.main: stopped by a signal before any checkpoint existed
-NO_RESTART = {2: "bad input: a restart would fail the same way",
-              4: "the loss diverged: a restart from the same checkpoint would diverge again",
-              STOPPED: "the workers were asked to stop",
-              STOPPED_EARLY: "the workers were asked to stop"}
-MEANING = {1: "error, see its log", 2: "bad input", 4: "loss diverged",
-           STOPPED: "stopped by a signal after saving a checkpoint",
-           STOPPED_EARLY: "stopped by a signal before any checkpoint"}
+NO_RESTART = {EXIT_BAD_INPUT: "bad input: a restart would fail the same way",
+              EXIT_DIVERGED: "the loss diverged: a restart from the same checkpoint would "
+                             "diverge again",
+              EXIT_STOPPED: "the workers were asked to stop",
+              EXIT_STOPPED_EARLY: "the workers were asked to stop"}
+MEANING = {1: "error, see its log", EXIT_BAD_INPUT: "bad input",
+           EXIT_PEER_LOST: "lost another worker", EXIT_DIVERGED: "loss diverged",
+           EXIT_STOPPED: "stopped by a signal after saving a checkpoint",
+           EXIT_STOPPED_EARLY: "stopped by a signal before any checkpoint"}
 
 # Runs in each worker before cifar_dist: ask Linux to send SIGKILL when the launcher dies
 # (prctl PR_SET_PDEATHSIG survives exec), give up if it is already gone, then exec Python
@@ -117,20 +123,6 @@ def parse_args(argv):
 
 # --------------------------------------------------------------------------- set-up
 
-def free_ports(n: int) -> list[int]:
-    """n distinct free TCP ports (the sockets stay open until all n are chosen)."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def tf_config(ports: list[int], index: int) -> str:
     return json.dumps({"cluster": {"worker": [f"localhost:{p}" for p in ports]},
                        "task": {"type": "worker", "index": index}})
@@ -143,13 +135,10 @@ def gpu_slices(num_workers: int, per_worker: int, environ=os.environ) -> list[st
     if "CUDA_VISIBLE_DEVICES" in environ:
         visible = [d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
     else:
-        try:
-            out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
-                                 timeout=30, check=True).stdout
-        except (OSError, subprocess.SubprocessError):
+        visible = nvidia_smi_gpus(timeout=30)
+        if visible is None:
             raise UsageError("--gpus_per_worker needs CUDA_VISIBLE_DEVICES or nvidia-smi "
-                             "to list the GPUs") from None
-        visible = [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+                             "to list the GPUs")
     need = num_workers * per_worker
     if len(visible) < need:
         raise UsageError(f"--num_workers={num_workers} x --gpus_per_worker={per_worker} needs "
@@ -305,7 +294,7 @@ class Launcher:
             # 0: done (the chief may still be exporting). 75: the workers agreed on a stop,
             # so the others are saving and stopping too. After a first failure, later exits
             # are the survivors answering our SIGTERM.
-            if rc in (0, STOPPED, STOPPED_EARLY) or first_failure is not None:
+            if rc in (0, EXIT_STOPPED, EXIT_STOPPED_EARLY) or first_failure is not None:
                 continue
             first_failure = (i, rc)
             live = self._live()
@@ -330,7 +319,7 @@ class Launcher:
             return 0, False
         self.out.launcher(f"stopped: workers exited {codes} (75: checkpoint saved; run the same "
                           "command again to resume)")
-        return STOPPED, False
+        return EXIT_STOPPED, False
 
     def run(self) -> int:
         code = 0
@@ -357,7 +346,7 @@ def main(argv=None) -> int:
         gpu_slices(args.num_workers, args.gpus_per_worker)  # fail early on a bad GPU request
     except UsageError as e:
         print(f"launch/local.py: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     launcher = Launcher(args, worker_flags, Output())
     launcher.install_signal_handlers()
     return launcher.run()

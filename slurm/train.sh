@@ -22,10 +22,11 @@
 #
 # Layout: one task per node, each task driving ALL of its node's GPUs as local replicas
 # (MultiWorkerMirroredStrategy runs all-reduce inside the node and across nodes; NCCL on
-# GPUs). One task per node is the binding TensorFlow's SlurmClusterResolver gets right:
-# with several tasks per node and --gpus-per-task, SLURM gives each task one GPU in
-# CUDA_VISIBLE_DEVICES and the resolver then divides "1 GPU per node" among the tasks
-# and fails (see docs/running.md, "GPU binding").
+# GPUs). That is the simplest layout, not the only one: with --ntasks-per-node=N
+# --gpus-per-task=1 each task keeps the GPU SLURM bound to it, and with several tasks per
+# node sharing the node's GPUs each takes its own slice (cifar_dist's own SLURM resolver,
+# not TensorFlow's SlurmClusterResolver; BUILD_NOTES.md, "GPU binding and rank order
+# under SLURM").
 #
 # Pre-emption and time limits: `--signal=USR1@120` (no "B:") makes SLURM send SIGUSR1 to
 # the training tasks themselves 120 s before the time limit. Each task then finishes
@@ -54,8 +55,11 @@
 
 set -uo pipefail
 
-STOPPED=75  # cifar_dist.main: stopped by a signal after saving a checkpoint
-STOPPED_EARLY=76  # cifar_dist.main: stopped by a signal before any checkpoint existed
+# The exit statuses are defined once, in cifar_dist/errors.py (its table and EXIT_*
+# constants); a shell script cannot import them, so these two repeat EXIT_STOPPED and
+# EXIT_STOPPED_EARLY (2 bad input, 3 peer lost, 4 diverged are named in messages below).
+STOPPED=75  # stopped by a signal after saving a checkpoint: requeue to resume
+STOPPED_EARLY=76  # stopped by a signal before any checkpoint existed
 
 if [ -z "${SLURM_JOB_ID:-}" ]; then
     echo "slurm/train.sh: error: submit it with sbatch (sbatch slurm/train.sh [FLAGS])" >&2

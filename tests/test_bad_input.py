@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cifar_dist import config, data, evaluate, export, predict, preflight
+from cifar_dist import config, data, evaluate, export, predict, run_dir
 from cifar_dist.config import Config
 from cifar_dist.errors import ConfigError, DataError, UserError, printable
 from conftest import TINY_SYNTHETIC, copy_run, error_lines, run_module
@@ -279,12 +279,12 @@ def test_num_cpu_devices_is_bounded_by_the_cores():
 def test_evaluate_refuses_a_model_dir_still_training(tmp_path, capsys):
     (tmp_path / "export").mkdir()
     (tmp_path / "export" / "model.keras").write_bytes(b"")
-    with preflight.ModelDirLock(str(tmp_path)):  # what a training run holds
+    with run_dir.ModelDirLock(str(tmp_path)):  # what a training run holds
         assert evaluate.main(["evaluate", f"--model_dir={tmp_path}"]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert err == [f"cifar_dist: error: --model_dir={tmp_path} is in use by a run still "
                        f"training (pid {os.getpid()}); evaluate it when that run has finished"]
-    assert preflight.lock_owner(str(tmp_path)) is None
+    assert run_dir.RunDir(str(tmp_path)).lock_owner() is None
     assert evaluate.main(["evaluate", f"--model_dir={tmp_path}"]) == 2  # next check: config.json
     assert "in use" not in capsys.readouterr().err
 

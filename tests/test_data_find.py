@@ -16,7 +16,7 @@ import threading
 import numpy as np
 import pytest
 
-from cifar_dist import data
+from cifar_dist import cifar10_files, data
 from cifar_dist.config import Config
 from cifar_dist.errors import DataError
 from conftest import TINY_RECIPE, env_for_subprocess, error_lines, run_module
@@ -205,7 +205,7 @@ def test_a_bad_download_is_one_line_and_leaves_nothing(places, serve, case, mess
 def test_official_address_always_gets_the_official_md5(monkeypatch):
     monkeypatch.delenv("CIFAR10_URL", raising=False)
     monkeypatch.setenv("CIFAR10_MD5", "0" * 32)  # alone it means nothing
-    assert data.download_origin() == (data.CIFAR10_URL, "c58f30108f718f92721af3b95e74349a")
+    assert cifar10_files.download_origin() == (cifar10_files.CIFAR10_URL, "c58f30108f718f92721af3b95e74349a")
 
 
 def test_only_the_chief_downloads_the_others_wait(places, serve, monkeypatch):

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from cifar_dist.optimizer import EMA_WARMUP, Update, WarmupSchedule
+from cifar_dist.optimizer import EMA_WARMUP, Update, LearningRateSchedule
 from conftest import TINY_SYNTHETIC, error_lines, run_module
 from test_train import checkpoint_tensors
 
 
 def make_update(variables, decay, loss_scale=None):
-    schedule = WarmupSchedule(0.1, 100, 0, "constant")
+    schedule = LearningRateSchedule(0.1, 100, 0, "constant")
     return Update("sgd", schedule, variables, momentum=0.0, loss_scale=loss_scale,
                   ema_decay=decay)
 

@@ -12,6 +12,7 @@ import pytest
 
 from cifar_dist import data, evaluate, export
 from cifar_dist.errors import ConfigError, DataError, UserError
+from cifar_dist.run_dir import RunDir
 from conftest import copy_run, run_module
 
 
@@ -235,7 +236,7 @@ def test_training_curves_inputs(trained_run, tmp_path, monkeypatch):
     # from history.csv (training time only).
     scalars = evaluate.read_tensorboard_scalars(
         str(trained_run), ("train/learning_rate", "train/images_per_second"))
-    history = evaluate.read_history(str(trained_run))
+    history = RunDir(str(trained_run)).read_history()
     steps, lrs = scalars["train/learning_rate"]
     for row in history:  # the TensorBoard value at an epoch's last step is history's
         assert lrs[steps.tolist().index(int(row["step"]))] == pytest.approx(

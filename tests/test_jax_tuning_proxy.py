@@ -23,7 +23,7 @@ spec.loader.exec_module(proxy)
 
 @pytest.mark.parametrize("kind, warmup", [("onecycle", 262), ("cosine", 262), ("onecycle", 0)])
 def test_schedule_matches_cifar_dist(kind, warmup):
-    ours = optimizer.WarmupSchedule(0.2, 1750, warmup, kind)
+    ours = optimizer.LearningRateSchedule(0.2, 1750, warmup, kind)
     theirs = proxy.make_schedule(0.2, 1750, warmup, kind)
     for step in (0, 1, 100, 261, 262, 263, 900, 1749, 1750):
         np.testing.assert_allclose(float(theirs(step)), float(ours(step)), rtol=1e-6,

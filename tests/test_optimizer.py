@@ -53,7 +53,7 @@ def relative_difference(a, b):
     ("sgd", 5e-4, 0.9, True), ("sgd", 1e-2, 0.95, False), ("sgd", 0.0, 0.0, False),
     ("adam", 0.0, 0.9, True), ("adam", 0.05, 0.9, True), ("adamw", 0.2, 0.9, True)])
 def test_twenty_steps_match_keras(name, weight_decay, momentum, nesterov):
-    schedule = opt_lib.WarmupSchedule(0.05, STEPS, 4, "onecycle")
+    schedule = opt_lib.LearningRateSchedule(0.05, STEPS, 4, "onecycle")
     ours_vars, keras_vars = make_variables(), make_variables()
     update = opt_lib.Update(name, schedule, ours_vars, weight_decay=weight_decay,
                             momentum=momentum, nesterov=nesterov)
@@ -81,7 +81,7 @@ def test_loss_scaling_skips_like_keras(monkeypatch):
     """Steps 3 and 4 overflow: both skip (weights, slots and schedule untouched, scale halved);
     with a growth interval of 5 good steps the scale also doubles, as Keras' does."""
     monkeypatch.setattr(opt_lib, "LOSS_SCALE_GROWTH_STEPS", 5)
-    schedule = opt_lib.WarmupSchedule(0.01, STEPS, 2, "onecycle")
+    schedule = opt_lib.LearningRateSchedule(0.01, STEPS, 2, "onecycle")
     ours_vars, keras_vars = make_variables(), make_variables()
     update = opt_lib.Update("adamw", schedule, ours_vars, weight_decay=0.1, loss_scale=1024.0)
     reference = keras_reference("adamw", schedule, 0.1, loss_scale=1024.0, growth_steps=5)
@@ -104,7 +104,7 @@ def test_loss_scaling_skips_like_keras(monkeypatch):
 
 def test_weight_decay_exclusions_are_keras_choice():
     variables = make_variables()
-    update = opt_lib.Update("adamw", opt_lib.WarmupSchedule(0.1, 10, 0), variables,
+    update = opt_lib.Update("adamw", opt_lib.LearningRateSchedule(0.1, 10, 0), variables,
                             weight_decay=0.1)
     reference = keras_reference("adamw", 0.1, 0.1)
     reference.build(variables)

@@ -75,10 +75,10 @@ def parse_run(line):
 
 
 def make_schedule(peak, total, warmup, kind):
-    """cifar_dist.optimizer.WarmupSchedule, in keras.ops (any backend)."""
+    """cifar_dist.optimizer.LearningRateSchedule, in keras.ops (any backend)."""
     import keras
 
-    class WarmupSchedule(keras.optimizers.schedules.LearningRateSchedule):
+    class Schedule(keras.optimizers.schedules.LearningRateSchedule):
         def __call__(self, step):
             step = keras.ops.cast(step, "float32")
             progress = keras.ops.clip((step - warmup) / float(max(total - warmup, 1)), 0.0, 1.0)
@@ -90,7 +90,7 @@ def make_schedule(peak, total, warmup, kind):
                 return after
             return keras.ops.where(step < warmup, peak * (step + 1.0) / float(warmup), after)
 
-    return WarmupSchedule()
+    return Schedule()
 
 
 def affine_sample(images, angle, shift_x, shift_y, flip):
@@ -269,7 +269,8 @@ def main():
     parser.add_argument("--run", action="append", default=[], help="one run (repeatable)")
     parser.add_argument("--out", default="proxy_results.jsonl")
     parser.add_argument("--export", help="write the 45,000/5,000 split to this .npz, exit")
-    parser.add_argument("--data_dir", default="../shared/data")
+    parser.add_argument("--data_dir", help="with --export: CIFAR-10 in the official python "
+                        "layout (a folder holding cifar-10-batches-py/, or the tarball)")
     parser.add_argument("--summarize", help="print a results .jsonl as a markdown table, exit")
     args = parser.parse_args()
     if args.summarize:
@@ -277,6 +278,8 @@ def main():
             print("\n".join(summarize([json.loads(line) for line in f if line.strip()])))
         return
     if args.export:
+        if not args.data_dir:
+            parser.error("--export needs --data_dir")
         export_split(args.export, args.data_dir)
         return
     os.environ.setdefault("KERAS_BACKEND", "jax")   # before anything imports keras

@@ -23,7 +23,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cifar_dist import data  # noqa: E402
+from cifar_dist import atomic, data  # noqa: E402
 from cifar_dist.errors import UserError  # noqa: E402
 
 TRAIN_IMAGES = 2048  # from data_batch_1
@@ -58,9 +58,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"make_sample: error: {e}", file=sys.stderr)
         return 2
-    tmp = args.output + ".tmp.npz"  # savez adds .npz to other names
-    np.savez_compressed(tmp, **arrays)
-    os.replace(tmp, args.output)
+    with atomic.writing(args.output, "wb") as f:  # a file object: savez adds no .npz
+        np.savez_compressed(f, **arrays)
     print(f"wrote {args.output}: {TRAIN_IMAGES} training and {TEST_IMAGES} test images, "
           f"{os.path.getsize(args.output) / 2**20:.1f} MiB")
     return 0

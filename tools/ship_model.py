@@ -1,6 +1,6 @@
 """Copy a trained run's exported model into the package, with a record of what it scores.
 
-    python tools/ship_model.py --model_dir=RUN --data_dir=../shared/data
+    python tools/ship_model.py --model_dir=RUN --data_dir=/path/to/cifar10
 
 Writes cifar_dist/assets/seed_model.keras (the run's export/model.keras), class_names.json
 beside it, and seed_model.json: the run's command and recipe, the file's sha256 and the
@@ -18,52 +18,41 @@ import os
 import platform
 import shutil
 import sys
-import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cifar_dist import data, evaluate, export  # noqa: E402
+from cifar_dist import atomic, data, evaluate, export  # noqa: E402
 from cifar_dist.errors import UserError  # noqa: E402
 from cifar_dist.predict import SHIPPED_MODEL, SHIPPED_RECORD  # noqa: E402
+from cifar_dist.run_dir import CLASS_NAMES_FILE, KERAS_FILE, METRICS, RunDir  # noqa: E402
 
 # What the record copies from the run's metrics.json (a finished run always has them).
 RUN_FIGURES = ("epochs", "pflops_per_run", "images_per_second", "train_seconds", "wall_seconds")
 
 
 def sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def accuracy(model, split) -> float:
     return float((model.probabilities(split.images).argmax(1) == split.labels).mean())
 
 
-def read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read it as JSON ({e}); is this a finished run?")
-
-
 def build_record(args) -> tuple[str, str, dict]:
     """Scores the run's exported model. Returns (model file, class-names file, record)."""
-    source = os.path.join(args.model_dir, export.EXPORT_SUBDIR)
-    model_file = os.path.join(source, export.KERAS_FILE)
-    names_file = os.path.join(source, export.CLASS_NAMES_FILE)
+    run_dir = RunDir(args.model_dir)
+    model_file = os.path.join(run_dir.export, KERAS_FILE)
+    names_file = os.path.join(run_dir.export, CLASS_NAMES_FILE)
     for path in (model_file, names_file):
         if not os.path.isfile(path):
             raise UserError(f"{path}: missing; train with --export=true (the default) first")
-    config = read_json(os.path.join(args.model_dir, "config.json"))
-    run = read_json(os.path.join(args.model_dir, "metrics.json"))  # training's own figures
+    config = run_dir.read_trained_config()
+    run = run_dir.read_metrics() or {}  # training's own figures
     missing = [key for key in RUN_FIGURES if key not in run]
     if missing:
-        raise UserError(f"{args.model_dir}/metrics.json has no {', '.join(missing)}; "
+        raise UserError(f"{run_dir.join(METRICS)} has no {', '.join(missing)}; "
                         "is the run finished?")
     if args.test_images < 1:
         raise UserError(f"--test_images must be at least 1, not {args.test_images}")
@@ -94,25 +83,21 @@ def build_record(args) -> tuple[str, str, dict]:
 
 
 def install(model_file: str, names_file: str, record: dict) -> None:
-    """Stages the three files next to the assets, then renames each into place, so a
-    failure never leaves a model beside a record that describes another one."""
+    """Stages the three files next to the assets, then renames each into place, the record
+    last (the innermost block renames first), so a failure never leaves a model beside a
+    record that describes another one."""
     assets = os.path.dirname(SHIPPED_MODEL)
     os.makedirs(assets, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=assets, prefix=".staging-") as staging:
-        staged = {
-            SHIPPED_MODEL: shutil.copyfile(model_file, os.path.join(staging, "model")),
-            os.path.join(assets, export.CLASS_NAMES_FILE):
-                shutil.copyfile(names_file, os.path.join(staging, "names")),
-        }
-        record_path = os.path.join(staging, "record")
-        with open(record_path, "w") as f:
+    with atomic.staged(SHIPPED_RECORD) as record_tmp, \
+            atomic.staged(SHIPPED_MODEL) as model_tmp, \
+            atomic.staged(os.path.join(assets, CLASS_NAMES_FILE)) as names_tmp:
+        shutil.copyfile(model_file, model_tmp)
+        shutil.copyfile(names_file, names_tmp)
+        with open(record_tmp, "w") as f:
             json.dump(record, f, indent=1)
             f.write("\n")
-        if sha256(staged[SHIPPED_MODEL]) != record["sha256"]:
+        if sha256(model_tmp) != record["sha256"]:
             raise UserError(f"{model_file} changed while it was being scored; run again")
-        for target, path in staged.items():
-            os.replace(path, target)
-        os.replace(record_path, SHIPPED_RECORD)  # the record last: it vouches for the files above
 
 
 def main() -> int:

@@ -56,7 +56,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
-from cifar_dist import cli, run_dir  # noqa: E402
+from cifar_dist import atomic, cli  # noqa: E402
 from cifar_dist.bench.settings import Settings, define_flags  # noqa: E402
 
 __all__ = ["Settings", "define_flags", "main", "run"]
@@ -68,14 +68,14 @@ def bench_command(fv, args) -> int:
     if settings.child:
         from cifar_dist.bench.methods import run_method  # noqa: PLC0415
 
-        run_dir.write_json_atomic(settings.child_output, run_method(settings.child, settings))
+        atomic.write_json(settings.child_output, run_method(settings.child, settings))
         return 0
     if settings.projection:
         from cifar_dist.bench.projection import run_projection  # noqa: PLC0415
 
         p = run_projection(settings)
         if settings.output:
-            run_dir.write_json_atomic(settings.output, p)
+            atomic.write_json(settings.output, p)
         return 0
     if settings.overhead:
         from cifar_dist.bench.overhead import run_overhead  # noqa: PLC0415
@@ -92,7 +92,7 @@ def bench_command(fv, args) -> int:
     print(report.table(results))
     print(report.load_line(results))
     if settings.output:
-        run_dir.write_json_atomic(settings.output, results)
+        atomic.write_json(settings.output, results)
     return 0
 
 

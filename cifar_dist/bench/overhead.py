@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 
-from cifar_dist import run_dir
+from cifar_dist import atomic
 from cifar_dist.bench.runner import child_env
 from cifar_dist.bench.settings import Settings
 
@@ -220,9 +220,9 @@ def run_overhead(settings: Settings) -> None:
     """--overhead: every case (each a child: --overhead_case), the table, --output."""
     if settings.overhead_case:  # a child: one case, in this fresh process
         result = run_case(*settings.overhead_case.split(","), settings.windows)
-        run_dir.write_json_atomic(settings.child_output, result)
+        atomic.write_json(settings.child_output, result)
         return
     results = run_all(settings.windows)
     print(table(results))
     if settings.output:
-        run_dir.write_json_atomic(settings.output, results)
+        atomic.write_json(settings.output, results)
