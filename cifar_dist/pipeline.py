@@ -168,3 +168,10 @@ def _with_options(ds: tf.data.Dataset) -> tf.data.Dataset:
     # from sharding again.
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     return ds.with_options(options)
+
+
+def distribute(strategy, make):
+    """A tf.data input per worker: make(pipeline_id, num_pipelines) -> its dataset."""
+    def fn(ctx):
+        return make(ctx.input_pipeline_id, ctx.num_input_pipelines)
+    return strategy.distribute_datasets_from_function(fn)

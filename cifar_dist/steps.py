@@ -27,7 +27,10 @@ is one XLA program.
 
 from __future__ import annotations
 
+import contextlib
+
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -173,10 +176,12 @@ class TrainSteps:
 
 
 class EvalSteps:
-    """Loss and accuracy sums of a batch on every replica; BatchNorm statistics averaged."""
+    """Evaluation on every replica, with BatchNorm statistics averaged first and, with
+    --ema_decay, the averaged weights swapped in."""
 
-    def __init__(self, cfg, strategy, model, num_classes: int):
+    def __init__(self, cfg, strategy, model, update, num_classes: int):
         self.strategy, self.model, self.num_classes = strategy, model, num_classes
+        self.update, self.batch_size = update, cfg.batch_size
         self.compiled_eval = tf.function(self._eval, jit_compile=cfg.jit_compile)
         self.eval_step = tf.function(self._eval_step)
         self.weights_finite = tf.function(self._weights_finite)
@@ -187,6 +192,42 @@ class EvalSteps:
         self._stats_vars = [getattr(v, "value", v) for v in model.non_trainable_variables]
         self.sync_moving_stats = (tf.function(self._sync_moving_stats)
                                   if strategy.num_replicas_in_sync > 1 else (lambda: None))
+        if update.averages:
+            # Per replica (each swaps its own copies), nested like the update's functions.
+            swap = tf.function(lambda: update.swap_averages(model.trainable_variables))
+            self._swap_averages = tf.function(lambda: strategy.run(swap))
+
+    def evaluate(self, split) -> dict:
+        """Loss and accuracy of the current weights on a split, computed on all replicas."""
+        holder = {}
+
+        def make(pid, npipe):
+            ds, holder["steps"] = pipeline.eval_dataset(
+                split.images, split.labels, global_batch=self.batch_size,
+                num_replicas=self.strategy.num_replicas_in_sync, pipeline_id=pid,
+                num_pipelines=npipe)
+            return ds
+
+        iterator = iter(pipeline.distribute(self.strategy, make))
+        total = np.zeros(3)
+        for _ in range(holder["steps"]):
+            total += self.eval_step(iterator).numpy()
+        return {"loss": total[0] / total[2], "accuracy": total[1] / total[2],
+                "examples": int(total[2])}
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """With --ema_decay the model holds the averaged weights inside the block (what
+        evaluation and export use), its trained weights again after it; else a no-op.
+        Checkpoints are never written inside: they keep both, each in its own place."""
+        if not self.update.averages:
+            yield
+            return
+        self._swap_averages()
+        try:
+            yield
+        finally:
+            self._swap_averages()
 
     def _eval(self, images_u8, labels, weights):
         probs = self.model(augment_lib.to_unit_float(images_u8), training=False)

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-import shutil
 import signal
-import tempfile
 
 import keras
 import numpy as np
@@ -27,7 +25,8 @@ from absl import logging
 
 from cifar_dist import pipeline, preflight
 from cifar_dist import steps as steps_lib
-from cifar_dist.errors import CheckpointError, ConfigError, Preempted, TrainingDiverged
+from cifar_dist.checkpoints import RunCheckpoints
+from cifar_dist.errors import ConfigError, Preempted, TrainingDiverged
 from cifar_dist.model import build_model, train_flops_per_image, trainable_param_count
 from cifar_dist.optimizer import make_update
 from cifar_dist.progress import ProfilerWindow, Progress, Throughput
@@ -127,9 +126,6 @@ class Trainer:
                                              name="skipped_steps")
             window = tf.Variable(tf.zeros([len(steps_lib.STATS)]), trainable=False,
                                  name="step_stats")
-        self.checkpoint = tf.train.Checkpoint(model=self.model, optimizer=self.update,
-                                              global_step=self.global_step,
-                                              skipped_steps=self.skipped_steps)
         self.run_dir = RunDir(cfg.model_dir)
         self.ckpt_dir = self.run_dir.checkpoints
         self.device_data = (pipeline.DeviceData(strategy, bundle.train.images, bundle.train.labels,
@@ -139,24 +135,22 @@ class Trainer:
             cfg, strategy, self.model, self.update, num_classes=bundle.num_classes,
             steps_per_epoch=self.steps_per_epoch, global_step=self.global_step,
             skipped_steps=self.skipped_steps, window=window, device_data=self.device_data)
-        self.eval_steps = steps_lib.EvalSteps(cfg, strategy, self.model, bundle.num_classes)
-        if self.update.averages:
-            # Per replica (each swaps its own copies), nested like the update's functions.
-            swap = tf.function(lambda: self.update.swap_averages(self.model.trainable_variables))
-            self._swap_averages = tf.function(lambda: strategy.run(swap))
+        self.eval_steps = steps_lib.EvalSteps(cfg, strategy, self.model, self.update,
+                                              bundle.num_classes)
+        self.checkpoints = RunCheckpoints(
+            tf.train.Checkpoint(model=self.model, optimizer=self.update,
+                                global_step=self.global_step, skipped_steps=self.skipped_steps),
+            self.run_dir, cluster, self.eval_steps, self.global_step, cfg.keep_checkpoints)
+        self.evaluate = self.eval_steps.evaluate
+        self.averaged_weights = self.eval_steps.averaged_weights
         self.finished_record = None  # a finished run's metrics.json, when rerun unchanged
 
     # ------------------------------------------------------------------ data
 
-    def _distributed(self, make):
-        def fn(ctx: tf.distribute.InputContext):
-            return make(ctx.input_pipeline_id, ctx.num_input_pipelines)
-        return self.strategy.distribute_datasets_from_function(fn)
-
     def train_iterator(self, start_step: int):
         """The tf.data path (--data_on_device=false, or a split too large for a device)."""
         train = self.bundle.train
-        ds = self._distributed(lambda pid, npipe: pipeline.train_dataset(
+        ds = pipeline.distribute(self.strategy, lambda pid, npipe: pipeline.train_dataset(
             train.images, train.labels, global_batch=self.cfg.batch_size, seed=self.cfg.seed,
             start_step=start_step, total_steps=self.total_steps, num_replicas=self.replicas,
             pipeline_id=pid, num_pipelines=npipe))
@@ -169,93 +163,6 @@ class Trainer:
             return iterator
         data = self.device_data
         return data.images, data.labels, data.order(step // self.steps_per_epoch)
-
-    def evaluate(self, split) -> dict:
-        """Loss and accuracy of the current weights on a split, computed on all replicas."""
-        holder = {}
-
-        def make(pid, npipe):
-            ds, holder["steps"] = pipeline.eval_dataset(
-                split.images, split.labels, global_batch=self.cfg.batch_size,
-                num_replicas=self.replicas, pipeline_id=pid, num_pipelines=npipe)
-            return ds
-
-        iterator = iter(self._distributed(make))
-        total = np.zeros(3)
-        for _ in range(holder["steps"]):
-            total += self.eval_steps.eval_step(iterator).numpy()
-        return {"loss": total[0] / total[2], "accuracy": total[1] / total[2],
-                "examples": int(total[2])}
-
-    @contextlib.contextmanager
-    def averaged_weights(self):
-        """With --ema_decay the model holds the averaged weights inside the block (what
-        evaluation and export use), its trained weights again after it; else a no-op.
-        Checkpoints are never written inside: they keep both, each in its own place."""
-        if not self.update.averages:
-            yield
-            return
-        self._swap_averages()
-        try:
-            yield
-        finally:
-            self._swap_averages()
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def restore(self) -> int:
-        """Restores the newest loadable checkpoint; returns the step to start from."""
-        if not tf.io.gfile.isdir(self.ckpt_dir):
-            return 0
-        self.run_dir.check_resume(dict(
-            {k: v for k, v in self.cfg.to_dict().items() if k in SHAPING_FLAGS},
-            num_classes=self.bundle.num_classes))
-        state = tf.train.get_checkpoint_state(self.ckpt_dir)
-        candidates = list(reversed(state.all_model_checkpoint_paths)) if state else []
-        for path in candidates:
-            try:
-                self.checkpoint.restore(path).assert_existing_objects_matched()
-            except Exception as e:  # noqa: BLE001 - a damaged file raises many types
-                # (OpError, IndexError "Read less bytes", ValueError, AssertionError); an
-                # older checkpoint then overwrites every variable again.
-                logging.warning("checkpoint %s is unusable (%s); trying an older one",
-                                path, str(e).splitlines()[0])
-                continue
-            step = int(self.global_step.numpy())
-            logging.info("resumed from %s at step %d", path, step)
-            return step
-        if candidates:
-            raise CheckpointError(f"no loadable checkpoint in {self.ckpt_dir}: "
-                                  "use another --model_dir to start fresh")
-        return 0
-
-    def save(self) -> None:
-        """Every worker takes part (saving is a collective); only the chief keeps its files.
-
-        Weights that went non-finite are never saved: the last good checkpoint stays the
-        newest one (every worker holds the same weights, so all of them stop here).
-        """
-        self.eval_steps.sync_moving_stats()
-        if not bool(self.eval_steps.weights_finite().numpy()):
-            raise TrainingDiverged(
-                f"weights became non-finite by step {int(self.global_step.numpy())}; the last "
-                f"good checkpoint in {self.ckpt_dir} is kept (lower --learning_rate?)")
-        try:
-            if self.cluster.is_chief:
-                # CheckpointManager updates its state file only after the new checkpoint is
-                # complete, so a crash or a full disk mid-save leaves the previous one usable.
-                self.manager.save(checkpoint_number=int(self.global_step.numpy()))
-            else:
-                tmp = tempfile.mkdtemp(prefix=f"cifar_dist_worker{self.cluster.worker_index}_")
-                try:
-                    self.checkpoint.write(f"{tmp}/ckpt")
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-        except (tf.errors.OpError, OSError) as e:
-            message = getattr(e, "message", None) or str(e)
-            raise CheckpointError(f"cannot write a checkpoint into {self.ckpt_dir} "
-                                  f"({type(e).__name__}: {message.splitlines()[0][:200]}); "
-                                  "the previous checkpoint is intact (disk full?)") from None
 
     # ------------------------------------------------------------------ loop
 
@@ -278,7 +185,9 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg, chief = self.cfg, self.cluster.is_chief
-        start_step = self.restore()
+        start_step = self.checkpoints.restore(dict(
+            {k: v for k, v in cfg.to_dict().items() if k in SHAPING_FLAGS},
+            num_classes=self.bundle.num_classes))
         self.stop.check()
         finished = self.run_dir.read_metrics() if start_step >= self.total_steps else None
         self.finished_record = finished
@@ -289,7 +198,6 @@ class Trainer:
                          start_step)
             return finished
         if chief:
-            self.manager = self.run_dir.checkpoint_manager(self.checkpoint, cfg.keep_checkpoints)
             self.run_dir.write_config(dict(
                 cfg.to_dict(), num_classes=self.bundle.num_classes,
                 class_names=list(self.bundle.class_names), replicas=self.replicas,
@@ -330,7 +238,7 @@ class Trainer:
                     self._log(step, window, clock.window_rate(), progress)
                 # Workers agree on a stop through the summed flag; one process can stop at once.
                 if window[STOP] > 0 or (stop_asked and self.cluster.num_workers == 1):
-                    self.save()
+                    self.checkpoints.save()
                     progress.close()
                     source = (signal.Signals(self.stop.signal).name if stop_asked
                               else "a signal to another worker")
@@ -344,9 +252,9 @@ class Trainer:
                     if chief:
                         history = [h for h in history if h["epoch"] < epoch] + [row]
                         self.run_dir.write_history(history)
-                    self.save()
+                    self.checkpoints.save()
                 elif cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
-                    self.save()
+                    self.checkpoints.save()
                 clock.start()
         progress.close()
         return self._finish(start_step, clock, history)
