@@ -108,7 +108,7 @@ if [ "$rc" -eq "$STOPPED" ] || [ "$rc" -eq "$STOPPED_EARLY" ]; then
         scontrol requeue "$SLURM_JOB_ID" || echo "slurm/train.sh: scontrol requeue failed: resubmit the same command to resume" >&2
     fi
 elif [ "$rc" -ne 0 ]; then
-    echo "slurm/train.sh: training failed with exit status $rc (2 bad input, 4 diverged; see the task lines above)" >&2
+    echo "slurm/train.sh: training failed with exit status $rc (2 bad input, 3 a worker lost or never started, 4 diverged; see the task lines above)" >&2
 else
     echo "slurm/train.sh: done $(date -u +%FT%TZ)"
 fi
