@@ -65,7 +65,7 @@ def export_and_evaluate(cfg, trainer, bundle, metrics, stop) -> None:
     stop.check()
     if not (rerun and os.path.isdir(export_dir)):
         logging.info("exporting into %s", export_dir)
-        with trainer.averaged_weights():  # --ema_decay: the averaged weights are the model
+        with trainer.eval_steps.averaged_weights():  # --ema_decay: the averages are the model
             export.export_model(trainer.model, bundle.class_names, export_dir)
     stop.check()
     if rerun and os.path.isdir(trainer.run_dir.eval):

@@ -127,7 +127,6 @@ class Trainer:
             window = tf.Variable(tf.zeros([len(steps_lib.STATS)]), trainable=False,
                                  name="step_stats")
         self.run_dir = RunDir(cfg.model_dir)
-        self.ckpt_dir = self.run_dir.checkpoints
         self.device_data = (pipeline.DeviceData(strategy, bundle.train.images, bundle.train.labels,
                                                 global_batch=cfg.batch_size, seed=cfg.seed)
                             if self.data_on_device else None)
@@ -141,8 +140,6 @@ class Trainer:
             tf.train.Checkpoint(model=self.model, optimizer=self.update,
                                 global_step=self.global_step, skipped_steps=self.skipped_steps),
             self.run_dir, cluster, self.eval_steps, self.global_step, cfg.keep_checkpoints)
-        self.evaluate = self.eval_steps.evaluate
-        self.averaged_weights = self.eval_steps.averaged_weights
         self.finished_record = None  # a finished run's metrics.json, when rerun unchanged
 
     # ------------------------------------------------------------------ data
@@ -232,7 +229,7 @@ class Trainer:
                 if window[NONFINITE] and cfg.dtype != "float16":
                     raise TrainingDiverged(
                         f"non-finite loss or gradients at or before step {step}; "
-                        f"the last good checkpoint in {self.ckpt_dir} is kept")
+                        f"the last good checkpoint in {self.run_dir.checkpoints} is kept")
                 epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
                 if step % cfg.log_steps == 0 or epoch_end:
                     self._log(step, window, clock.window_rate(), progress)
@@ -242,8 +239,9 @@ class Trainer:
                     progress.close()
                     source = (signal.Signals(self.stop.signal).name if stop_asked
                               else "a signal to another worker")
-                    raise Preempted(f"stopped by {source} at step {step}; checkpoint saved in "
-                                    f"{self.ckpt_dir}: rerun the same command to resume")
+                    raise Preempted(f"stopped by {source} at step {step}; checkpoint saved "
+                                    f"in {self.run_dir.checkpoints}: rerun the same command "
+                                    "to resume")
                 if epoch_end:
                     epoch = math.ceil(step / self.steps_per_epoch)
                     row = self._end_epoch(epoch, step, epoch_stats, clock.epoch_rate(),
@@ -280,8 +278,8 @@ class Trainer:
                "skipped_steps": int(self.skipped_steps.numpy())}
         if not self.cfg.skip_eval:
             name = self.bundle.eval_split_name
-            with self.averaged_weights():
-                result = self.evaluate(self.bundle.eval_split)
+            with self.eval_steps.averaged_weights():
+                result = self.eval_steps.evaluate(self.bundle.eval_split)
             row[f"{name}_loss"], row[f"{name}_accuracy"] = result["loss"], result["accuracy"]
             tf.summary.scalar(f"{name}/accuracy", result["accuracy"], step)
             tf.summary.scalar(f"{name}/loss", result["loss"], step)
@@ -291,9 +289,9 @@ class Trainer:
 
     def _finish(self, start_step, clock, history) -> dict:
         self.eval_steps.sync_moving_stats()
-        with self.averaged_weights():
-            test = self.evaluate(self.bundle.test)
-            val = (self.evaluate(self.bundle.validation)
+        with self.eval_steps.averaged_weights():
+            test = self.eval_steps.evaluate(self.bundle.test)
+            val = (self.eval_steps.evaluate(self.bundle.validation)
                    if self.bundle.validation is not None else None)
         flops = train_flops_per_image(self.model)
         metrics = {

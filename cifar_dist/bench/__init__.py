@@ -96,11 +96,4 @@ def bench_command(fv, args) -> int:
     return 0
 
 
-def main(argv) -> int:
-    """Runs the command for argv (program name first); returns the exit status."""
-    return cli.run_command(argv, __doc__, define_flags, bench_command)
-
-
-def run():
-    """Console-script entry point (cifar-dist-bench)."""
-    sys.exit(main(sys.argv))
+main, run = cli.entry_points(__doc__, define_flags, bench_command)
