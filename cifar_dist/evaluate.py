@@ -1,6 +1,6 @@
 """Evaluate a trained run's exported model on a data split; write metrics, a report and plots.
 
-    python -m cifar_dist.evaluate --model_dir=DIR [--split=test|train|validation] [--tta]
+    python -m cifar_dist.evaluate --model_dir=DIR [--split=test|train|validation] [--notta]
         [--dataset=... --data_dir=... --test_subset=N ...] [--output_dir=DIR/eval]
 
 The data come from cifar_dist.data.load with the run's own config.json; any data flag
@@ -38,6 +38,7 @@ from cifar_dist import atomic, cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
 from cifar_dist import signals  # noqa: E402
 from cifar_dist.errors import ConfigError, DataError, ModelError  # noqa: E402
+from cifar_dist.export import TTA_DEFAULT  # noqa: E402 (export imports no TensorFlow)
 from cifar_dist.run_dir import CONFIG, KERAS_FILE, SAVED_MODEL_DIR, RunDir  # noqa: E402
 
 # TensorFlow, Keras, scikit-learn and matplotlib are imported where used, so that bad
@@ -117,12 +118,6 @@ def select_split(bundle, split: str):
 
 
 # --------------------------------------------------------------------------- metrics
-
-def flip_tta(model, images: np.ndarray, batch_size: int) -> np.ndarray:
-    """Mean of the probabilities of each image and its horizontal mirror image."""
-    return 0.5 * (model.probabilities(images, batch_size)
-                  + model.probabilities(images[:, :, ::-1, :], batch_size))
-
 
 def summary_metrics(labels: np.ndarray, probs: np.ndarray, top_k: int) -> dict:
     """Accuracy (+ binomial standard error), cross-entropy loss, top-k accuracy. The loss
@@ -265,7 +260,7 @@ def _report_text(metrics, sklearn_text) -> str:
 # --------------------------------------------------------------------------- entry point
 
 def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test",
-                       tta: bool = False, top_k: int = 5, batch_size: int = 500,
+                       tta: bool = TTA_DEFAULT, top_k: int = 5, batch_size: int = 500,
                        output_dir: str = "", plots: bool = True) -> dict:
     """Evaluates model_dir/export/model.keras on one split and writes output_dir.
 
@@ -321,8 +316,10 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     per_class, sklearn_text, matrix = classification_metrics(labels, predicted, class_names)
     metrics.update(per_class)
     metrics["confusion_matrix"] = matrix.tolist()
-    metrics["tta"] = summary_metrics(labels, flip_tta(model, images, batch_size), top_k) \
-        if tta else None
+    metrics["tta"] = None
+    if tta:  # the mean with the mirror images' probabilities (ExportedModel's tta)
+        mirrored = model.probabilities(images[:, :, ::-1, :], batch_size)
+        metrics["tta"] = summary_metrics(labels, 0.5 * (probs + mirrored), top_k)
     stop.check()
 
     # A private temporary folder beside output_dir: two evaluations at once (or one
@@ -377,7 +374,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_enum("split", "test", SPLITS, "which split to evaluate (validation: runs "
                       "trained with --validation_size)", flag_values=fv)
-    flags.DEFINE_bool("tta", False, "also report flip test-time augmentation (mean of the "
+    flags.DEFINE_bool("tta", TTA_DEFAULT, "also report flip test-time augmentation (mean of the "
                       "probabilities of each image and its mirror image)", flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy", flag_values=fv)
     flags.DEFINE_integer("eval_batch_size", 500, "images per inference batch", flag_values=fv)

@@ -17,6 +17,9 @@ stopped before its end):
 
     python -m cifar_dist.export --model_dir=DIR [--checkpoint=PATH] [--export_dir=DIR/export]
 
+A run trained with --ema_decay exports the moving averages of its weights, as the run
+itself did; --noaveraged_weights exports its trained weights instead (to compare the two).
+
 Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
 """
 
@@ -104,8 +107,9 @@ def export_model(model, class_names, export_dir: str) -> str:
     return export_dir
 
 
-def model_from_checkpoint(model_dir: str, checkpoint: str = "") -> tuple:
-    """(float32 Keras model with the checkpoint's weights, run config, checkpoint path)."""
+def model_from_checkpoint(model_dir: str, checkpoint: str = "", averaged: bool = True) -> tuple:
+    """(float32 Keras model with the checkpoint's weights, run config, checkpoint path).
+    A run with --ema_decay gives its averaged weights, unless averaged=False."""
     run = RunDir(model_dir)
     saved = run.read_trained_config()
     path = checkpoint or run.latest_checkpoint()
@@ -119,7 +123,7 @@ def model_from_checkpoint(model_dir: str, checkpoint: str = "") -> tuple:
         model = build_model(saved["model"], len(saved["class_names"]), "float32")
     except ValueError as e:
         raise ModelError(f"{run.join(CONFIG)}: {e}") from None
-    reason = _restore(model, path, averaged=bool(saved.get("ema_decay")))
+    reason = _restore(model, path, averaged=averaged and bool(saved.get("ema_decay")))
     if reason:
         # A restore that failed half-way leaves deferred restorations behind, whose
         # deleters log ~30 "unrestored values" warnings when collected, i.e. after our
@@ -174,17 +178,24 @@ def _restore(model, path: str, averaged: bool = False) -> str:
     return reason
 
 
-def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str = "") -> str:
-    """Builds the run's model, restores the checkpoint (newest by default), exports it."""
+def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str = "",
+                           averaged: bool = True) -> str:
+    """Builds the run's model, restores the checkpoint (newest by default), exports it.
+    averaged=False: the trained weights of an --ema_decay run, not their averages."""
     RunDir(model_dir).read_trained_config()  # a missing model_dir is the first thing to say
     export_dir = check_replaceable(export_dir or RunDir(model_dir).export)
-    model, saved, path = model_from_checkpoint(model_dir, checkpoint)
+    model, saved, path = model_from_checkpoint(model_dir, checkpoint, averaged)
     out = export_model(model, saved["class_names"], export_dir)
     logging.info("exported %s from %s", out, path)
     return out
 
 
 # --------------------------------------------------------------------------- loading
+
+# Flip test-time augmentation (ExportedModel.probabilities' tta) by default in predict and
+# evaluate: chosen on validation (docs/tuning.md); it costs one more forward pass per image.
+TTA_DEFAULT = True
+
 
 class ExportedModel:
     """An exported model, loaded back: uint8 images -> class probabilities, in batches."""
@@ -196,14 +207,20 @@ class ExportedModel:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def probabilities(self, images_u8: np.ndarray, batch_size: int = 500) -> np.ndarray:
-        """float32 [N, classes] for uint8 [N, 32, 32, 3]; one compiled call per batch."""
-        import tensorflow as tf  # noqa: PLC0415
-
+    def probabilities(self, images_u8: np.ndarray, batch_size: int = 500,
+                      tta: bool = False) -> np.ndarray:
+        """float32 [N, classes] for uint8 [N, 32, 32, 3]; one compiled call per batch.
+        tta (flip test-time augmentation): the mean of the probabilities of each image and
+        of its horizontal mirror image."""
         images_u8 = np.asarray(images_u8)
         if images_u8.dtype != np.uint8 or images_u8.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images_u8.dtype} "
                              f"{images_u8.shape}")
+        if tta:
+            return 0.5 * (self.probabilities(images_u8, batch_size)
+                          + self.probabilities(images_u8[:, :, ::-1, :], batch_size))
+        import tensorflow as tf  # noqa: PLC0415
+
         out = [self._fn(tf.constant(images_u8[i:i + batch_size])).numpy()
                for i in range(0, len(images_u8), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
@@ -349,13 +366,17 @@ def define_flags(fv: flags.FlagValues) -> None:
                         "model_dir/checkpoints)", flag_values=fv)
     flags.DEFINE_string("export_dir", "", "where to write (default: model_dir/export, replaced)",
                         flag_values=fv)
+    flags.DEFINE_bool("averaged_weights", True, "a run trained with --ema_decay: export the "
+                      "moving averages of the weights (as the run did); false: the trained "
+                      "weights", flag_values=fv)
 
 
 def export_command(fv, args) -> int:
     cli.no_positional_args(args)
     if not fv.model_dir:
         raise UserError("--model_dir is required (the training run to export)")
-    out = export_from_checkpoint(os.path.expanduser(fv.model_dir), fv.export_dir, fv.checkpoint)
+    out = export_from_checkpoint(os.path.expanduser(fv.model_dir), fv.export_dir, fv.checkpoint,
+                                 fv.averaged_weights)
     print(f"exported {out}")
     return 0
 

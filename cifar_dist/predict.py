@@ -1,6 +1,6 @@
 """Classify image files with an exported model; write one CSV row per image.
 
-    python -m cifar_dist.predict --model=PATH [--output=FILE.csv] PATHS...
+    python -m cifar_dist.predict --model=PATH [--output=FILE.csv] [--notta] PATHS...
 
 PATH: an export folder (DIR/export), a training model_dir, a model.keras file or a
 SavedModel folder; without --model, the model shipped in the package
@@ -12,6 +12,8 @@ resized to 32x32 (a note on stderr says so), grayscale/palette/RGBA/CMYK/16-bit 
 are converted to 8-bit RGB.
 
 CSV (to --output, or stdout): path,label,confidence, then one probability column per class.
+The probabilities are the mean of each image's and its mirror image's (flip test-time
+augmentation, chosen on validation); --notta gives the model's own for the image alone.
 A missing, corrupt or non-image file gives one `cifar_dist: error: PATH: ...` line on
 stderr and no row; the other files are still classified. File names that are not UTF-8 or
 hold control characters are escaped (errors.printable) in the CSV and on stderr.
@@ -93,14 +95,15 @@ def _load(path: str):
         return None, None, printable(f"{path}: {type(e).__name__}: {e}")
 
 
-def predict_files(model, files, batch_size: int = 256):
+def predict_files(model, files, batch_size: int = 256, tta: bool = False):
     """Yields a FileResult per file, in order: CHUNK files are decoded, then classified in
-    batches of batch_size. (Decoding in threads was slower here: small files are GIL-bound.)"""
+    batches of batch_size (tta: each averaged with its mirror image, ExportedModel's tta).
+    (Decoding in threads was slower here: small files are GIL-bound.)"""
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
         loaded = [_load(path) for path in chunk]
         good = [i for i, (array, _, _) in enumerate(loaded) if array is not None]
-        probs = (model.probabilities(np.stack([loaded[i][0] for i in good]), batch_size)
+        probs = (model.probabilities(np.stack([loaded[i][0] for i in good]), batch_size, tta)
                  if good else None)
         row_of = {i: r for r, i in enumerate(good)}
         for i, path in enumerate(chunk):
@@ -119,6 +122,11 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_string("output", "", "CSV file to write (default: stdout)", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "images per inference batch", flag_values=fv)
+    from cifar_dist.export import TTA_DEFAULT  # noqa: PLC0415 (export imports no TensorFlow)
+
+    flags.DEFINE_bool("tta", TTA_DEFAULT, "flip test-time augmentation: each image's "
+                      "probabilities are the mean of its own and its mirror image's",
+                      flag_values=fv)
 
 
 def _check_output(path: str) -> None:
@@ -156,7 +164,7 @@ def predict_command(fv, paths) -> int:
           else contextlib.nullcontext(sys.stdout)) as out:
         writer = csv.writer(out)
         writer.writerow(["path", "label", "confidence"] + list(model.class_names))
-        for result in predict_files(model, files, fv.batch_size):
+        for result in predict_files(model, files, fv.batch_size, fv.tta):
             if result.error:
                 failures.append(result)
                 print(f"cifar_dist: error: {result.error}", file=sys.stderr)

@@ -95,6 +95,16 @@ def test_ema_run_exports_the_averages_and_resumes_bitwise(tmp_path):
     for a, b in zip(exported.weights, reexported.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
+    # --noaveraged_weights: the trained weights instead, for comparing the two.
+    raw = run_module("cifar_dist.export", f"--model_dir={run}", "--noaveraged_weights",
+                     f"--export_dir={tmp_path / 'raw'}")
+    assert raw.returncode == 0, raw.stderr[-3000:]
+    raw_model = keras.saving.load_model(tmp_path / "raw" / "model.keras", safe_mode=True)
+    raw_kernels = [w.numpy() for w in raw_model.trainable_weights if "kernel" in w.path]
+    assert len(raw_kernels) == len(trained)
+    for weight in raw_kernels:
+        assert any(np.array_equal(weight, t) for t in trained)
+
     # Resume from the step-4 checkpoint: the same weights and averages, bitwise.
     ckpt_dir = run / "checkpoints"
     for f in ckpt_dir.glob("ckpt-8*"):

@@ -117,7 +117,7 @@ def test_evaluate_with_a_bundle_as_main_passes_it(trained_run, tmp_path, evaluat
     cfg = evaluate.config_from_model_dir(str(trained_run))
     bundle = data.load(cfg)
     metrics = evaluate.evaluate_model_dir(str(trained_run), bundle, output_dir=str(tmp_path / "e"),
-                                          plots=False)
+                                          plots=False, tta=False)
     assert metrics["accuracy"] == evaluation[0]["accuracy"]
     assert metrics["tta"] is None
     assert sorted(os.listdir(tmp_path / "e")) == sorted(evaluate.OUTPUT_FILES)

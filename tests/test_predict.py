@@ -78,22 +78,30 @@ def test_folder_with_bad_files(trained_run, image_folder, tmp_path, capsys):
     best = probs.argmax(1)
     assert [r[1] for r in rows] == [model.class_names[b] for b in best]
     np.testing.assert_allclose([float(r[2]) for r in rows], probs.max(1), atol=1e-6)
-    # Each row equals the exported model on the decoded image (for the 32x32 PNGs, on the
-    # original test image itself).
+    # Each row equals the exported model on the decoded image and its mirror image (flip
+    # TTA, the default; for the 32x32 PNGs, on the original test image itself).
     from cifar_dist.images import load_image
     decoded = np.stack([good[r[0]] if good[r[0]] is not None else load_image(r[0])[0]
                         for r in rows])
-    np.testing.assert_allclose(probs, model.probabilities(decoded), atol=2e-6)
+    np.testing.assert_allclose(probs, 0.5 * (model.probabilities(decoded)
+                                             + model.probabilities(decoded[:, :, ::-1])),
+                               atol=2e-6)
+    assert not np.allclose(probs, model.probabilities(decoded), atol=1e-4)  # it does differ
 
 
 def test_all_good_exit_0_and_csv_on_stdout(trained_run, image_folder, capsys):
     root, good, _ = image_folder
     paths = sorted(p for p in good if p.endswith(".png"))[:5]
-    assert predict.main(["predict", f"--model={trained_run}", *paths]) == 0
+    assert predict.main(["predict", f"--model={trained_run}", "--notta", *paths]) == 0
     captured = capsys.readouterr()
     header, rows = read_rows(captured.out)
     assert [r[0] for r in rows] == paths  # the order given
     assert error_lines(captured.err) == []
+    # --notta: the model's probabilities for each image alone.
+    model = export.load_exported(str(trained_run / "export"))
+    probs = np.array([[float(v) for v in r[3:]] for r in rows])
+    np.testing.assert_allclose(probs, model.probabilities(np.stack([good[p] for p in paths])),
+                               atol=2e-6)
 
 
 def test_shipped_model_is_the_default(trained_run, image_folder, tmp_path, monkeypatch, capsys):

@@ -22,7 +22,7 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from cifar_dist import atomic, data, evaluate, export  # noqa: E402
+from cifar_dist import atomic, data, export  # noqa: E402
 from cifar_dist.errors import UserError  # noqa: E402
 from cifar_dist.predict import SHIPPED_MODEL, SHIPPED_RECORD  # noqa: E402
 from cifar_dist.run_dir import CLASS_NAMES_FILE, KERAS_FILE, METRICS, RunDir  # noqa: E402
@@ -62,7 +62,7 @@ def build_record(args) -> tuple[str, str, dict]:
 
     model = export.load_exported(model_file)
     test = data.load_local_cifar10(found).test.take(args.test_images)
-    flipped = evaluate.flip_tta(model, test.images, 500).argmax(1)
+    flipped = model.probabilities(test.images, 500, tta=True).argmax(1)
     record = {
         "file": os.path.basename(SHIPPED_MODEL),
         "sha256": sha256(model_file),
