@@ -203,3 +203,23 @@ def test_gpu_projection_arithmetic():
         t_c90 = r["per_gpu_batch_for_90"] * flop / 10e12
         assert close(t_c90 / (t_c90 + t_ar), 0.9)
     assert "N=8" in projection.projection_text(p)
+
+
+@pytest.mark.slow
+def test_overhead_pairs_time_tight_and_main_side_by_side(monkeypatch, capsys):
+    from cifar_dist.bench import overhead
+
+    monkeypatch.setattr(overhead, "PAIR_TRAIN_IMAGES", 40)  # 20-step epochs: a quick check
+    results = overhead.run_pairs(rounds=2, windows=1)
+    assert len(results["pairs"]) == 2
+    for pair in results["pairs"]:
+        assert 0 < pair["tight"] < 1 and 0 < pair["main"] < 1, pair
+        assert pair["ratio"] == pytest.approx(pair["main"] / pair["tight"])
+    ratios = sorted(p["ratio"] for p in results["pairs"])
+    assert results["median_ratio"] == pytest.approx(sum(ratios) / 2)
+    assert (results["min_ratio"], results["max_ratio"]) == (ratios[0], ratios[1])
+    assert "--synthetic_train_size=40 " in results["command"]
+    table = overhead.pairs_table(results)
+    lines = table.splitlines()
+    assert [line.split(" | ")[0] for line in lines[2:4]] == ["| 1", "| 2"], table
+    assert "median" in lines[4], table

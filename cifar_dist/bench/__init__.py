@@ -5,6 +5,7 @@
     python -m cifar_dist.bench --tiny --output=/tmp/tiny.json       # plumbing check (tests)
     python -m cifar_dist.bench --projection --model=seed            # GPU scaling on paper
     python -m cifar_dist.bench --overhead                           # the loop's fixed costs
+    python -m cifar_dist.bench --overhead --overhead_pairs=9        # main vs the tight loop, paired
 
 Same machine, same network (cifar_dist.model.build_model), same global batch, same dtype:
 

@@ -16,6 +16,11 @@ own process, since devices are fixed at start-up):
 
 and `main`: `python -m cifar_dist.main` itself (tiny network, batch 2, one device, 2 epochs
 of 200 steps), its last epoch's images/s from history.csv, as a user runs it.
+
+--overhead_pairs=N answers one question only, main against tight, on a machine whose speed
+drifts (this VM's moved by 45% between two rounds minutes apart): N rounds, each a tight
+loop and a main run of 2,000-step epochs, one right after the other (alternating which goes
+first), each in a fresh process; the ratio within each round, then their median and range.
 """
 
 from __future__ import annotations
@@ -150,11 +155,12 @@ def run_case(strategy, optimizer, windows) -> dict:
     return out
 
 
-def run_main_as_users_do(extra=()) -> dict:
+def run_main_as_users_do(extra=(), train_images=400) -> dict:
     """`python -m cifar_dist.main`, tiny network, batch 2: the last epoch's images/s."""
     with tempfile.TemporaryDirectory(prefix="cifar_dist_overhead_") as tmp:
         cmd = [sys.executable, "-m", "cifar_dist.main", "--dataset=synthetic",
-               "--synthetic_train_size=400", "--synthetic_test_size=16", "--model=tiny",
+               f"--synthetic_train_size={train_images}", "--synthetic_test_size=16",
+               "--model=tiny",
                f"--batch_size={PER_REPLICA_BATCH}", "--train_epochs=2", "--skip_eval",
                "--export=false", "--enable_tensorboard=false", f"--model_dir={tmp}/run", *extra]
         result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
@@ -167,6 +173,53 @@ def run_main_as_users_do(extra=()) -> dict:
             "seconds_per_step": PER_REPLICA_BATCH / ips}
 
 
+def _child_case(case: str, windows: int, tmp: str) -> dict:
+    out = os.path.join(tmp, "case.json")
+    cmd = [sys.executable, "-m", "cifar_dist.bench", "--overhead", f"--overhead_case={case}",
+           f"--windows={windows}", f"--child_output={out}"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+    if result.returncode != 0:
+        raise RuntimeError(f"overhead case {case} failed:\n{result.stderr[-3000:]}")
+    with open(out) as f:
+        return json.load(f)
+
+
+PAIR_TRAIN_IMAGES = 4000  # 2,000-step epochs at batch 2: seconds, not a fraction of one
+
+
+def run_pairs(rounds: int, windows: int) -> dict:
+    """--overhead_pairs: (tight, main) side by side, `rounds` times; ratios within rounds."""
+    pairs = []
+    with tempfile.TemporaryDirectory(prefix="cifar_dist_overhead_") as tmp:
+        for r in range(rounds):
+            got = {}
+            for what in (("tight", "main") if r % 2 == 0 else ("main", "tight")):
+                print(f"[overhead] round {r + 1}/{rounds}: {what} ...", file=sys.stderr,
+                      flush=True)
+                if what == "tight":
+                    got["tight"] = _child_case("tight", windows, tmp)["tight_seconds_per_step"]
+                else:
+                    main = run_main_as_users_do(train_images=PAIR_TRAIN_IMAGES)
+                    got["main"], command = main["seconds_per_step"], main["command"]
+            pairs.append({**got, "ratio": got["main"] / got["tight"]})
+    ratios = sorted(p["ratio"] for p in pairs)
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else 0.5 * (ratios[mid - 1] + ratios[mid])
+    return {"pairs": pairs, "command": command, "windows": windows, "median_ratio": median,
+            "min_ratio": ratios[0], "max_ratio": ratios[-1]}
+
+
+def pairs_table(results) -> str:
+    rows = ["| round | tight ms/step | main ms/step | main / tight |", "|---|---|---|---|"]
+    for i, p in enumerate(results["pairs"], 1):
+        rows.append(f"| {i} | {1e3 * p['tight']:.2f} | {1e3 * p['main']:.2f} | "
+                    f"{p['ratio']:.2f}x |")
+    rows.append(f"main / tight over {len(results['pairs'])} rounds: median "
+                f"{results['median_ratio']:.2f}x, range {results['min_ratio']:.2f}-"
+                f"{results['max_ratio']:.2f}x (main: python {results['command']})")
+    return "\n".join(rows)
+
+
 def run_all(windows: int, cases=CASES) -> dict:
     """Every case in its own process, then cifar_dist.main twice (auto and 100 per call)."""
     results = {"cases": [], "windows": windows, "per_replica_batch": PER_REPLICA_BATCH,
@@ -174,16 +227,7 @@ def run_all(windows: int, cases=CASES) -> dict:
     with tempfile.TemporaryDirectory(prefix="cifar_dist_overhead_") as tmp:
         for strategy, optimizer in cases:
             print(f"[overhead] {strategy} {optimizer} ...", file=sys.stderr, flush=True)
-            out = os.path.join(tmp, "case.json")
-            cmd = [sys.executable, "-m", "cifar_dist.bench", "--overhead",
-                   f"--overhead_case={strategy},{optimizer}", f"--windows={windows}",
-                   f"--child_output={out}"]
-            result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
-            if result.returncode != 0:
-                raise RuntimeError(f"overhead case {strategy},{optimizer} failed:\n"
-                                   f"{result.stderr[-3000:]}")
-            with open(out) as f:
-                results["cases"].append(json.load(f))
+            results["cases"].append(_child_case(f"{strategy},{optimizer}", windows, tmp))
     print("[overhead] cifar_dist.main ...", file=sys.stderr, flush=True)
     results["main_auto"] = run_main_as_users_do()
     results["main_100"] = run_main_as_users_do([f"--steps_per_loop={STEPS_PER_CALL}"])
@@ -218,11 +262,19 @@ def table(results) -> str:
 
 def run_overhead(settings: Settings) -> None:
     """--overhead: every case (each a child: --overhead_case), the table, --output."""
+    if settings.overhead_case == "tight":  # a child of --overhead_pairs
+        atomic.write_json(settings.child_output, {
+            "tight_seconds_per_step": tight_loop_seconds_per_step(settings.windows)})
+        return
     if settings.overhead_case:  # a child: one case, in this fresh process
         result = run_case(*settings.overhead_case.split(","), settings.windows)
         atomic.write_json(settings.child_output, result)
         return
-    results = run_all(settings.windows)
-    print(table(results))
+    if settings.overhead_pairs:
+        results = run_pairs(settings.overhead_pairs, settings.windows)
+        print(pairs_table(results))
+    else:
+        results = run_all(settings.windows)
+        print(table(results))
     if settings.output:
         atomic.write_json(settings.output, results)

@@ -78,8 +78,12 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("overhead", False, "measure the training loop's per-step overhead (tiny "
                       "network, 2 images per replica, one device and mirrored on 2 CPUs, SGD and "
                       "AdamW) and exit", flag_values=fv)
-    flags.DEFINE_string("overhead_case", "", "internal: run one overhead case STRATEGY,OPTIMIZER",
-                        flag_values=fv)
+    flags.DEFINE_integer("overhead_pairs", 0, "with --overhead: instead of the table, this many "
+                         "interleaved rounds of (the tight loop, `cifar_dist.main` as users run "
+                         "it, 2,000-step epochs), each a fresh process, and their ratios",
+                         flag_values=fv)
+    flags.DEFINE_string("overhead_case", "", "internal: run one overhead case STRATEGY,OPTIMIZER "
+                        "(or `tight`)", flag_values=fv)
     # internal: a child process running one method
     flags.DEFINE_string("child", "", "internal: run this one method and write --child_output",
                         flag_values=fv)
@@ -116,6 +120,7 @@ class Settings:
     gpu_counts: tuple
     per_gpu_batches: tuple
     overhead: bool
+    overhead_pairs: int
     overhead_case: str
     child: str
     child_output: str
