@@ -13,7 +13,7 @@ import pytest
 from cifar_dist import graph_checks
 from cifar_dist.bench import host_augment, projection, timing
 from cifar_dist.bench.report import LABELS
-from conftest import run_module
+from conftest import error_lines, run_module
 
 TINY_METHODS = ("matmul", "pipeline", "cifar_dist", "cifar_dist_noaug", "keras_fit",
                 "keras_fit_host")
@@ -223,3 +223,14 @@ def test_overhead_pairs_time_tight_and_main_side_by_side(monkeypatch, capsys):
     lines = table.splitlines()
     assert [line.split(" | ")[0] for line in lines[2:4]] == ["| 1", "| 2"], table
     assert "median" in lines[4], table
+
+
+@pytest.mark.parametrize("args, line", [
+    (["--overhead", "--overhead_pairs=-1"], "--overhead_pairs must be >= 0, got -1"),
+    (["--overhead_pairs=3"], "--overhead_pairs is a mode of --overhead: give both"),
+])
+def test_bad_overhead_pairs_is_one_line_and_exit_2(args, line):
+    result = run_module("cifar_dist.bench", *args, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert error_lines(result.stderr) == [f"cifar_dist: error: {line}"]
+    assert result.stdout == ""

@@ -66,6 +66,7 @@ __all__ = ["Settings", "define_flags", "main", "run"]
 def bench_command(fv, args) -> int:
     cli.no_positional_args(args)
     settings = Settings.from_flags(fv)
+    settings.check()  # every mode: a bad flag is one line before anything runs
     if settings.child:
         from cifar_dist.bench.methods import run_method  # noqa: PLC0415
 
@@ -85,8 +86,7 @@ def bench_command(fv, args) -> int:
         return 0
     # SIGTERM -> SystemExit, so that `finally` blocks stop the child processes
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    settings = settings.with_tiny_defaults()
-    settings.check()
+    settings = settings.with_tiny_defaults()  # --tiny's values pass check() too
     from cifar_dist.bench import report, runner  # noqa: PLC0415
 
     results = report.derive(runner.run_benchmark(settings))

@@ -154,6 +154,10 @@ class Settings:
             raise ConfigError(f"--methods: unknown {sorted(unknown)}; choose from {METHODS}")
         if self.data == "real" and not self.data_dir:
             raise ConfigError("--data=real needs --data_dir")
+        if self.overhead_pairs < 0:
+            raise ConfigError(f"--overhead_pairs must be >= 0, got {self.overhead_pairs}")
+        if self.overhead_pairs and not self.overhead:
+            raise ConfigError("--overhead_pairs is a mode of --overhead: give both")
 
     def child_args(self) -> list:
         """These settings as flags again, for a child process that runs one method."""
