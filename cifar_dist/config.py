@@ -244,9 +244,10 @@ def define_flags(flag_values=None) -> None:
         "loss_scale": "float16: the initial dynamic loss scale (halved after each overflowing "
                       "step, doubled after 2,000 good ones)",
         "jit_compile": "compile the per-replica step (augmentation, forward, loss, gradients) with XLA",
-        "steps_per_loop": "training steps per tf.function call: a number, or auto (100 on GPUs, "
-                          "10 on CPUs); calls also end at every log line, checkpoint and epoch "
-                          "end, and a stop signal is acted on between calls",
+        "steps_per_loop": "training steps per tf.function call: a number, or auto (100 on GPUs; "
+                          "on CPUs about 25 s of work at 100 GFLOP/s, at most 100: 10 for the "
+                          "seed network at batch 256); calls also end at every log line, "
+                          "checkpoint and epoch end, and a stop signal is acted on between calls",
         "data_on_device": "keep the uint8 training split on each device and gather batches inside "
                           "the compiled step: auto (when it is at most 1 GiB), true, false (tf.data)",
         "deterministic": "enable TensorFlow op determinism (bitwise-reproducible runs, slower)",

@@ -6,11 +6,11 @@
                                                   slower on CPU, so the loop stays in TF)
         strategy.run(replica_step)
           one replica     fused_step   [XLA]  gather the batch, uint8 -> float, augment,
-                                              forward, loss (scaled), gradients, one fused
-                                              non-finite flag, the update, the stats
+                                              forward, loss (scaled), gradients (one flat
+                                              vector), one non-finite flag, the update, the stats
           many replicas   grads_step   [XLA]  the same up to the flag, packed into one vector
                           ctx.all_reduce(SUM, packed)   one collective: gradients + flags
-                          apply_step   [XLA]  unpack; learning rate (once), weight decay, optimizer,
+                          apply_step   [XLA]  learning rate (once), optimizer (flat), weight decay,
                                               loss scale (skip agreed: the flag was summed
                                               over every replica and worker), the stats
       return window                               the call's stats, on replica 0's device
@@ -88,7 +88,8 @@ class TrainSteps:
         return tf.gather(images, ids), tf.gather(labels, ids)
 
     def _forward_backward(self, inputs, replica, stop):
-        """Gradients (loss-scaled in float16) and [loss_sum, correct, count, nonfinite, stop]."""
+        """The gradients as one flat vector (Update.flatten; loss-scaled in float16) and
+        [loss_sum, correct, count, nonfinite, stop]."""
         images_u8, labels = self._batch(inputs, replica)
         seed = tf.stack([tf.constant(self.cfg.seed, tf.int64),
                          self.global_step * 4096 + tf.cast(replica, tf.int64)])
@@ -100,20 +101,20 @@ class TrainSteps:
             loss_sum = tf.reduce_sum(per_example)
             # Sum / GLOBAL batch: summing gradients over replicas gives the global mean.
             scaled = self.update.scale_loss(loss_sum / self.global_batch)
-        grads = tape.gradient(scaled, self.model.trainable_variables)
+        grad = self.update.flatten(tape.gradient(scaled, self.model.trainable_variables))
         correct = tf.reduce_sum(tf.cast(
             tf.equal(tf.argmax(probs, -1, output_type=tf.int32), labels), tf.float32))
         finite = tf.logical_and(tf.math.is_finite(loss_sum),
-                                tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads]))
+                                tf.reduce_all(tf.math.is_finite(grad)))
         flags = tf.stack([loss_sum, correct, tf.cast(tf.shape(labels)[0], tf.float32),
                           1.0 - tf.cast(finite, tf.float32), tf.cast(stop, tf.float32)])
-        return grads, flags
+        return grad, flags
 
-    def _apply_step(self, grads, totals):
+    def _apply_step(self, grad, totals):
         """The update from summed gradients and summed flags, then the counters and stats."""
         finite = tf.equal(totals[NONFINITE], 0.0)
         loss_scaling = self.update.loss_scaling
-        self.update.apply(grads, self.model.trainable_variables,
+        self.update.apply(grad, self.model.trainable_variables,
                           finite if loss_scaling else None)
         # Reported: the rate the next step will use, as history.csv's (0 after onecycle's end).
         lr = self.update.learning_rate()
@@ -125,21 +126,17 @@ class TrainSteps:
             [summed, [lr, tf.cast(self.skipped_steps, tf.float32)]], 0))
 
     def _grads_step(self, inputs, replica, stop):
-        """Gradients and flags packed into one flat vector: one all-reduce, and no packing ops
+        """The flat gradients and the flags in one vector: one all-reduce, and no packing ops
         (reshape, concat, split per tensor) left outside XLA."""
-        grads, flags = self._forward_backward(inputs, replica, stop)
-        return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads] + [flags], 0)
+        grad, flags = self._forward_backward(inputs, replica, stop)
+        return tf.concat([grad, flags], 0)
 
     def _apply_packed(self, packed):
-        variables = self.model.trainable_variables
-        sizes = [v.shape.num_elements() for v in variables] + [REDUCED]
-        parts = tf.split(packed, sizes)
-        grads = [tf.reshape(p, v.shape) for p, v in zip(parts, variables)]
-        self._apply_step(grads, parts[-1])
+        self._apply_step(packed[:-REDUCED], packed[-REDUCED:])
 
     def _fused_step(self, inputs, replica, stop):
-        grads, flags = self._forward_backward(inputs, replica, stop)
-        self._apply_step(grads, flags)
+        grad, flags = self._forward_backward(inputs, replica, stop)
+        self._apply_step(grad, flags)
 
     def _replica_step(self, inputs, stop):
         # A plain Python function: strategy.run traces the XLA functions once per replica,

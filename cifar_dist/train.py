@@ -35,16 +35,22 @@ from cifar_dist.signals import StopRequest
 from cifar_dist.steps import COUNT, CORRECT, LEARNING_RATE, LOSS_SUM, NONFINITE, \
     SKIPPED_TOTAL, STOP, SUMMED
 
-# --steps_per_loop=auto: steps per call on accelerators, and on CPUs, where a step of the
-# seed network takes seconds and a stop signal must still be answered within seconds.
-AUTO_STEPS_PER_LOOP = {"accelerator": 100, "cpu": 10}
+# --steps_per_loop=auto: 100 steps per call on accelerators. On CPUs a call must stay short
+# enough that a stop signal is answered within seconds, so it holds as many steps as take
+# about 25 s at the ~100 GFLOP/s that 2 vCPUs reach on the seed network (10 of its steps at
+# batch 256), at most 100: a small network is then not slowed by a host read every few ms.
+AUTO_STEPS_PER_LOOP = 100
+CPU_CALL_FLOPS = 2.5e12
 
 
-def resolve_steps_per_loop(value: str, devices) -> int:
+def resolve_steps_per_loop(value: str, devices, flops_per_step: float) -> int:
+    """flops_per_step: training FLOPs of one global batch (the CPUs' work per step)."""
     if value != "auto":
         return int(value)
     on_cpu = all("CPU" in tf.DeviceSpec.from_string(d).device_type.upper() for d in devices)
-    return AUTO_STEPS_PER_LOOP["cpu" if on_cpu else "accelerator"]
+    if not on_cpu:
+        return AUTO_STEPS_PER_LOOP
+    return int(min(AUTO_STEPS_PER_LOOP, max(1, CPU_CALL_FLOPS // max(flops_per_step, 1))))
 
 
 def resolve_data_on_device(value: str, split) -> bool:
@@ -111,8 +117,6 @@ class Trainer:
         pipeline.per_replica_batch(cfg.batch_size, self.replicas)
         self.steps_per_epoch = pipeline.steps_per_epoch(len(bundle.train), cfg.batch_size)
         self.total_steps = cfg.train_steps or cfg.train_epochs * self.steps_per_epoch
-        self.steps_per_loop = resolve_steps_per_loop(cfg.steps_per_loop,
-                                                     strategy.extended.worker_devices)
         self.data_on_device = resolve_data_on_device(cfg.data_on_device, bundle.train)
         if cfg.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -126,6 +130,9 @@ class Trainer:
                                              name="skipped_steps")
             window = tf.Variable(tf.zeros([len(steps_lib.STATS)]), trainable=False,
                                  name="step_stats")
+        self.steps_per_loop = resolve_steps_per_loop(
+            cfg.steps_per_loop, strategy.extended.worker_devices,
+            flops_per_step=train_flops_per_image(self.model) * cfg.batch_size)
         self.run_dir = RunDir(cfg.model_dir)
         self.device_data = (pipeline.DeviceData(strategy, bundle.train.images, bundle.train.labels,
                                                 global_batch=cfg.batch_size, seed=cfg.seed)

@@ -29,7 +29,7 @@ def test_the_average_follows_its_formula_with_the_warm_up():
     average = var.numpy().copy()
     for t in range(1, 21):
         grad = rng.normal(size=[3, 2]).astype(np.float32)
-        update.apply([tf.constant(grad)], [var])
+        update.apply(update.flatten([tf.constant(grad)]), [var])
         decay = min(0.9, (1 + t) / (EMA_WARMUP + t))
         average = average + (var.numpy() - average) * (1 - decay)
         np.testing.assert_allclose(update.averages[0].numpy(), average, rtol=1e-6, atol=1e-7)
@@ -39,9 +39,9 @@ def test_the_average_follows_its_formula_with_the_warm_up():
 def test_a_skipped_float16_step_leaves_the_average_and_swapping_twice_is_exact():
     var = tf.Variable(tf.ones([4]))
     update = make_update([var], decay=0.5, loss_scale=8.0)
-    update.apply([tf.fill([4], 8.0)], [var], finite=tf.constant(True))
+    update.apply(tf.fill([4], 8.0), [var], finite=tf.constant(True))
     before = update.averages[0].numpy().copy()
-    update.apply([tf.fill([4], np.inf)], [var], finite=tf.constant(False))
+    update.apply(tf.fill([4], np.inf), [var], finite=tf.constant(False))
     np.testing.assert_array_equal(update.averages[0].numpy(), before)
     weights = var.numpy().copy()
     update.swap_averages([var])

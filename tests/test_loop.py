@@ -72,10 +72,19 @@ def test_calls_end_at_every_event_and_never_exceed_steps_per_loop():
     assert ends == [22, 35, 40]
 
 
-def test_steps_per_loop_auto_depends_on_the_device():
-    assert resolve_steps_per_loop("auto", ["/job:localhost/replica:0/task:0/device:CPU:0"]) == 10
-    assert resolve_steps_per_loop("auto", ["/job:worker/task:0/device:GPU:0"]) == 100
-    assert resolve_steps_per_loop("37", ["/device:GPU:0"]) == 37
+def test_steps_per_loop_auto_depends_on_the_device_and_the_work_per_step():
+    from cifar_dist.model import build_model, train_flops_per_image
+
+    cpu, gpu = ["/job:localhost/replica:0/task:0/device:CPU:0"], ["/job:worker/task:0/device:GPU:0"]
+    seed_step = train_flops_per_image(build_model("seed")) * 256
+    tiny_step = train_flops_per_image(build_model("tiny")) * 2
+    # CPUs: the seed network at batch 256 keeps its 10 steps (~25 s here) per call; a step
+    # 10x bigger gets 1, the tiny network at batch 2 the cap of 100.
+    assert resolve_steps_per_loop("auto", cpu, seed_step) == 10
+    assert resolve_steps_per_loop("auto", cpu, 10 * seed_step) == 1
+    assert resolve_steps_per_loop("auto", cpu, tiny_step) == 100
+    assert resolve_steps_per_loop("auto", gpu, seed_step) == 100
+    assert resolve_steps_per_loop("37", ["/device:GPU:0"], seed_step) == 37
 
 
 def test_data_on_device_true_refuses_a_split_over_the_limit():
@@ -125,7 +134,7 @@ def test_call_length_and_data_path_do_not_change_the_weights(tmp_path):
     assert "up to 5 per call" in many.stderr and "on the device" in many.stderr
     _, a = checkpoint_tensors(tmp_path / "one")
     _, b = checkpoint_tensors(tmp_path / "many")
-    assert a.keys() == b.keys() and any("velocities" in k for k in a)
+    assert a.keys() == b.keys() and any("velocity" in k for k in a)
     different = [k for k in a if not np.array_equal(a[k], b[k])]
     assert not different, different[:5]
 

@@ -58,7 +58,8 @@ def test_twenty_steps_match_keras(name, weight_decay, momentum, nesterov):
     update = opt_lib.Update(name, schedule, ours_vars, weight_decay=weight_decay,
                             momentum=momentum, nesterov=nesterov)
     reference = keras_reference(name, schedule, weight_decay, momentum, nesterov)
-    step = tf.function(lambda grads: update.apply(grads, ours_vars), jit_compile=True)
+    step = tf.function(lambda grads: update.apply(update.flatten(grads), ours_vars),
+                       jit_compile=True)
     for i in range(STEPS):
         grads = gradients(i)
         lr = step(grads)
@@ -67,13 +68,23 @@ def test_twenty_steps_match_keras(name, weight_decay, momentum, nesterov):
     assert int(update.iterations.numpy()) == int(reference.iterations.numpy()) == STEPS
     for ours, theirs in zip(ours_vars, keras_vars):
         assert relative_difference(ours.numpy(), theirs.numpy()) <= 1e-6, ours.name
+    # The flat slots hold Keras' per-variable slots, in the variables' order.
+    slots = {"sgd": [("flat_momentum", "momentums")] if momentum else [],
+             "adam": [("flat_momentum", "_momentums"), ("flat_velocity", "_velocities")],
+             "adamw": [("flat_momentum", "_momentums"), ("flat_velocity", "_velocities")]}[name]
+    for flat_name, keras_name in slots:
+        for ours, theirs in zip(update.unflatten(getattr(update, flat_name)),
+                                getattr(reference, keras_name)):
+            assert relative_difference(ours.numpy(), theirs.numpy()) <= 1e-6, flat_name
+    if not momentum:
+        assert update.flat_momentum is None and update.flat_velocity is None
     # The check can fail: the same run with another weight decay does not match.
     if weight_decay:
         other_vars = make_variables()
         other = opt_lib.Update(name, schedule, other_vars, weight_decay=weight_decay * 2,
                                momentum=momentum, nesterov=nesterov)
         for i in range(STEPS):
-            other.apply(gradients(i), other_vars)
+            other.apply(other.flatten(gradients(i)), other_vars)
         assert relative_difference(other_vars[0].numpy(), keras_vars[0].numpy()) > 1e-4
 
 
@@ -90,7 +101,7 @@ def test_loss_scaling_skips_like_keras(monkeypatch):
     @tf.function(jit_compile=True)
     def step(grads):
         finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        return update.apply(grads, ours_vars, finite)
+        return update.apply(update.flatten(grads), ours_vars, finite)
 
     for i in range(STEPS):
         grads = [g * 1024.0 for g in gradients(i, bad)]  # as if the loss had been scaled
