@@ -130,9 +130,10 @@ class Trainer:
                                              name="skipped_steps")
             window = tf.Variable(tf.zeros([len(steps_lib.STATS)]), trainable=False,
                                  name="step_stats")
+        self.flops_per_image = train_flops_per_image(self.model)  # also metrics.json's
         self.steps_per_loop = resolve_steps_per_loop(
             cfg.steps_per_loop, strategy.extended.worker_devices,
-            flops_per_step=train_flops_per_image(self.model) * cfg.batch_size)
+            flops_per_step=self.flops_per_image * cfg.batch_size)
         self.run_dir = RunDir(cfg.model_dir)
         self.device_data = (pipeline.DeviceData(strategy, bundle.train.images, bundle.train.labels,
                                                 global_batch=cfg.batch_size, seed=cfg.seed)
@@ -300,7 +301,7 @@ class Trainer:
             test = self.eval_steps.evaluate(self.bundle.test)
             val = (self.eval_steps.evaluate(self.bundle.validation)
                    if self.bundle.validation is not None else None)
-        flops = train_flops_per_image(self.model)
+        flops = self.flops_per_image
         metrics = {
             "test_accuracy": test["accuracy"], "test_loss": test["loss"],
             "test_examples": test["examples"],
