@@ -43,10 +43,12 @@ def staged(target: str, *, folder: bool = False, private: bool = False):
     """Yields a temporary path beside target; renamed onto target when the block ends
     cleanly, removed when it raises.
 
-    A file's temporary is not created: `target.tmp`, or with private=True a name no other
-    process picks (`.NAME.RANDOM.tmp`: for targets several processes may write at once).
-    A folder's is created, always private, with the permissions of any new folder (not
-    mkdtemp's 0700), and replaces a folder already at target (an earlier export or report).
+    A file's temporary is not created; its name is always private, `.NAME.RANDOM.tmp`
+    (hidden, random: no user file is called that, and no other process picks it; a fixed
+    `NAME.tmp` could be a user's own file, which the stage would overwrite and delete).
+    `private` is kept for callers that ask for it. A folder's is created, private too,
+    with the permissions of any new folder (not mkdtemp's 0700), and replaces a folder
+    already at target (an earlier export or report).
     """
     target = os.path.normpath(target)  # "dir/" + ".tmp" would land inside dir
     parent = os.path.dirname(os.path.abspath(target))
@@ -54,10 +56,8 @@ def staged(target: str, *, folder: bool = False, private: bool = False):
     if folder:
         tmp = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
         os.chmod(tmp, 0o777 & ~_umask())
-    elif private:
-        tmp = os.path.join(parent, f".{name}.{secrets.token_hex(4)}.tmp")
     else:
-        tmp = target + ".tmp"
+        tmp = os.path.join(parent, f".{name}.{secrets.token_hex(4)}.tmp")
     _STAGED.add(tmp)
     try:
         yield tmp
@@ -97,6 +97,26 @@ def check_replaceable(target: str, flag: str, what: str, names) -> str:
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"--{flag}={target}: {parent} is not a writable folder")
     return target
+
+
+def remove_leftovers(target: str) -> list:
+    """Removes what an earlier writer of target left when it was killed (SIGKILL, a power
+    cut: no chance to clean up): `.NAME.*.tmp` and `.NAME.old-*` beside it. Only for a
+    caller that knows no other process writes target now (it holds the run's lock).
+    Returns the names removed."""
+    target = os.path.normpath(target)
+    parent = os.path.dirname(os.path.abspath(target))
+    prefix = f".{os.path.basename(target)}."
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(parent):
+            rest = entry[len(prefix):]
+            if entry.startswith(prefix) and (rest.endswith(".tmp") or rest.startswith("old-")):
+                path = os.path.join(parent, entry)
+                if path not in _STAGED:
+                    _remove(path)
+                    removed.append(entry)
+    return removed
 
 
 def remove_staged() -> None:

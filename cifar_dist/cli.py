@@ -39,15 +39,25 @@ def run_command(argv, doc: str, define_flags, body) -> int:
     """The one path of every command: define its flags, parse argv (program name first),
     run body(flag_values, positional_args) and turn the package's exceptions into one
     stderr line and their exit status. Returns the exit status (body's, or 0)."""
+    from cifar_dist import signals  # noqa: PLC0415 (imports no TensorFlow)
+
     fv = flags.FlagValues()
     define_flags(fv)
     use_absl_logging()
-    try:
-        rest = parse_flags(fv, argv, doc)
-        return body(fv, rest[1:]) or 0
-    except errors.EXIT_ERRORS as e:
-        print(errors.error_line(e), file=sys.stderr)
-        return e.exit_code
+    # Every command answers SIGTERM, SIGINT and SIGUSR1 the same way (signals.py): one line,
+    # exit 75/76, nothing half-written. A command that knows its model_dir sets it on
+    # signals.current(); train and evaluate install their own request inside this one.
+    with signals.StopRequest() as stop:
+        try:
+            rest = parse_flags(fv, argv, doc)
+            stop.check()
+            return body(fv, rest[1:]) or 0
+        except errors.EXIT_ERRORS as e:
+            print(errors.error_line(e), file=sys.stderr)
+            return e.exit_code
+        except signals.StopNow as e:  # a second Ctrl-C: still one line, no traceback
+            print(errors.error_line(e.error), file=sys.stderr)
+            return e.error.exit_code
 
 
 def entry_points(doc: str, define_flags, body):

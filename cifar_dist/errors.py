@@ -10,7 +10,8 @@ launch/local.py and slurm/train.sh act on it):
     4   the loss diverged (TrainingDiverged): the last good checkpoint is kept
     75  stopped by a signal with a checkpoint in model_dir (Preempted, Interrupted):
         rerun the same command to resume
-    76  stopped by a signal before any checkpoint existed (Interrupted): a rerun starts afresh
+    76  stopped by a signal before any checkpoint existed (Interrupted): a rerun starts afresh;
+        also predict, bench and preview stopped by a signal (nothing written)
 
 The EXIT_* constants below are these numbers: launch/local.py imports them, and
 slurm/train.sh (a shell script cannot import) repeats 75 and 76 with a comment pointing here.
@@ -135,6 +136,10 @@ class Interrupted(Exception):
         self.signal_name = signal.Signals(signum).name
         self.resumable = bool(model_dir) and resumable
         self.exit_code = EXIT_STOPPED if self.resumable else EXIT_STOPPED_EARLY
+        if not model_dir:  # predict, bench, preview: a command with no run behind it
+            super().__init__(f"stopped by {self.signal_name}; nothing was written: rerun the "
+                             "same command")
+            return
         super().__init__(
             f"stopped by {self.signal_name} outside the training loop; " + (
                 f"the checkpoints in {model_dir} are intact: rerun the same command to resume"

@@ -20,7 +20,9 @@ stopped before its end):
 A run trained with --ema_decay exports the moving averages of its weights, as the run
 itself did; --noaveraged_weights exports its trained weights instead (to compare the two).
 
-Exit status: 0 done; 2 bad input (one line on stderr, nothing written).
+Exit status: 0 done; 2 bad input (one line on stderr, nothing written), or the run is
+still training (it holds model_dir/.lock); 75 stopped by SIGTERM, SIGINT or SIGUSR1
+(one line; the export as it was, no temporary left).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-from cifar_dist import atomic, cli  # noqa: E402
+from cifar_dist import atomic, cli, signals  # noqa: E402
 from cifar_dist.errors import (CheckpointError, ModelError, UserError,  # noqa: E402
                                printable)
 from cifar_dist.run_dir import (CLASS_NAMES_FILE, CONFIG, EXPORT, KERAS_FILE,  # noqa: E402
@@ -96,10 +98,12 @@ def export_model(model, class_names, export_dir: str) -> str:
 
     export_dir = check_replaceable(export_dir)
     plain = plain_float32_copy(model, len(class_names))
+    stop = signals.current() or signals.StopRequest()  # none in force: checks never fire
     with atomic.staged(export_dir, folder=True) as tmp:
         module = serving_module(plain, class_names)
         tf.saved_model.save(module, os.path.join(tmp, SAVED_MODEL_DIR),
                             signatures={"serving_default": module.serve})
+        stop.check()  # a signal meanwhile: the temporary is removed, nothing replaced
         plain.save(os.path.join(tmp, KERAS_FILE))
         with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
             json.dump(list(class_names), f)
@@ -182,12 +186,47 @@ def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str
                            averaged: bool = True) -> str:
     """Builds the run's model, restores the checkpoint (newest by default), exports it.
     averaged=False: the trained weights of an --ema_decay run, not their averages."""
-    RunDir(model_dir).read_trained_config()  # a missing model_dir is the first thing to say
-    export_dir = check_replaceable(export_dir or RunDir(model_dir).export)
-    model, saved, path = model_from_checkpoint(model_dir, checkpoint, averaged)
-    out = export_model(model, saved["class_names"], export_dir)
+    run = RunDir(model_dir)
+    run.read_trained_config()  # a missing model_dir is the first thing to say
+    export_dir = check_replaceable(export_dir or run.export)
+    stop = signals.current()
+    if stop is not None:
+        stop.model_dir = model_dir  # a signal from now on: 75 when the run has checkpoints
+    with _run_lock(run):
+        # Holding the lock, nothing else writes this export: what a killed export left
+        # beside it (SIGKILL gives no chance to clean up) is removed, not kept forever.
+        for name in atomic.remove_leftovers(export_dir):
+            logging.info("removed %s, left by an interrupted export", name)
+        model, saved, path = model_from_checkpoint(model_dir, checkpoint, averaged)
+        if stop is not None:
+            stop.check()
+        out = export_model(model, saved["class_names"], export_dir)
     logging.info("exported %s from %s", out, path)
     return out
+
+
+@contextlib.contextmanager
+def _run_lock(run: RunDir):
+    """The run's lock for the export (training holds it while it runs: its export and
+    checkpoints change under us). A model_dir we cannot write (read-only, another user's)
+    is exported to --export_dir without it, after checking that no run holds it."""
+    owner = run.lock_owner()
+    if owner is not None:
+        raise UserError(f"--model_dir={run.path} is in use by a run still training (pid "
+                        f"{owner}); it exports itself at its end: export it after that")
+    try:
+        lock = run.lock()
+        lock.__enter__()
+    except UserError:  # taken between the check and here
+        raise UserError(f"--model_dir={run.path} is in use by a run still training; it "
+                        "exports itself at its end: export it after that") from None
+    except OSError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- loading
@@ -377,7 +416,7 @@ def export_command(fv, args) -> int:
         raise UserError("--model_dir is required (the training run to export)")
     out = export_from_checkpoint(os.path.expanduser(fv.model_dir), fv.export_dir, fv.checkpoint,
                                  fv.averaged_weights)
-    print(f"exported {out}")
+    print(f"exported {printable(out)}")
     return 0
 
 

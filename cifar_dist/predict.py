@@ -19,7 +19,8 @@ stderr and no row; the other files are still classified. File names that are not
 hold control characters are escaped (errors.printable) in the CSV and on stderr.
 
 Exit status: 0 every file classified; 2 any file failed, or bad input (a bad flag, no
-usable model: one line on stderr, nothing written).
+usable model: one line on stderr, nothing written); 76 stopped by SIGTERM, SIGINT or
+SIGUSR1 (one line; --output is not written, its temporary removed).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is impor
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from cifar_dist import atomic, cli  # noqa: E402
+from cifar_dist import atomic, cli, signals  # noqa: E402
 from cifar_dist import images as images_lib  # noqa: E402
 from cifar_dist.errors import ConfigError, ImageError, ModelError, printable  # noqa: E402
 
@@ -99,12 +100,15 @@ def predict_files(model, files, batch_size: int = 256, tta: bool = False):
     """Yields a FileResult per file, in order: CHUNK files are decoded, then classified in
     batches of batch_size (tta: each averaged with its mirror image, ExportedModel's tta).
     (Decoding in threads was slower here: small files are GIL-bound.)"""
+    stop = signals.current() or signals.StopRequest()  # none in force: checks never fire
     for start in range(0, len(files), CHUNK):
         chunk = files[start:start + CHUNK]
-        loaded = [_load(path) for path in chunk]
+        loaded = []
+        for path in chunk:
+            stop.check()  # a signal ends the command here, within a file's decoding
+            loaded.append(_load(path))
         good = [i for i, (array, _, _) in enumerate(loaded) if array is not None]
-        probs = (model.probabilities(np.stack([loaded[i][0] for i in good]), batch_size, tta)
-                 if good else None)
+        probs = _classify(model, [loaded[i][0] for i in good], batch_size, tta, stop)
         row_of = {i: r for r, i in enumerate(good)}
         for i, path in enumerate(chunk):
             array, size, error = loaded[i]
@@ -112,6 +116,18 @@ def predict_files(model, files, batch_size: int = 256, tta: bool = False):
                 yield FileResult(path, error=error)
             else:
                 yield FileResult(path, probabilities=probs[row_of[i]], original_size=size)
+
+
+def _classify(model, arrays, batch_size: int, tta: bool, stop):
+    """probabilities of the arrays, one batch per call, a signal checked between them."""
+    if not arrays:
+        return None
+    images = np.stack(arrays)
+    out = []
+    for i in range(0, len(images), batch_size):
+        stop.check()
+        out.append(model.probabilities(images[i:i + batch_size], batch_size, tta))
+    return np.concatenate(out)
 
 
 # --------------------------------------------------------------------------- command line
@@ -150,6 +166,7 @@ def predict_command(fv, paths) -> int:
         raise ModelError(f"--model={model_path}: no such file or folder")
     from cifar_dist.export import load_exported  # noqa: PLC0415 (imports TensorFlow)
     model = load_exported(model_path)
+    (signals.current() or signals.StopRequest()).check()  # loading took seconds
 
     files, failures = expand_paths(paths)
     for result in failures:  # paths that gave no files at all

@@ -52,8 +52,6 @@ graph checks are cifar_dist.graph_checks.
 from __future__ import annotations
 
 import os
-import signal
-import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
 
@@ -84,8 +82,7 @@ def bench_command(fv, args) -> int:
 
         run_overhead(settings)
         return 0
-    # SIGTERM -> SystemExit, so that `finally` blocks stop the child processes
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    # A signal: cli.run_command's StopRequest; runner's waits check it and stop the children.
     settings = settings.with_tiny_defaults()  # --tiny's values pass check() too
     from cifar_dist.bench import report, runner  # noqa: PLC0415
 

@@ -28,13 +28,12 @@ from __future__ import annotations
 import csv
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 
 from cifar_dist import atomic
-from cifar_dist.bench.runner import child_env
+from cifar_dist.bench.runner import child_env, run_child
 from cifar_dist.bench.settings import Settings
 
 CASES = [("one_device", "sgd"), ("one_device", "adamw"), ("mirrored", "sgd"), ("mirrored", "adamw")]
@@ -163,7 +162,7 @@ def run_main_as_users_do(extra=(), train_images=400) -> dict:
                "--model=tiny",
                f"--batch_size={PER_REPLICA_BATCH}", "--train_epochs=2", "--skip_eval",
                "--export=false", "--enable_tensorboard=false", f"--model_dir={tmp}/run", *extra]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+        result = run_child(cmd, child_env())
         if result.returncode != 0:
             raise RuntimeError(f"cifar_dist.main failed:\n{result.stderr[-3000:]}")
         with open(os.path.join(tmp, "run", "history.csv")) as f:
@@ -177,7 +176,7 @@ def _child_case(case: str, windows: int, tmp: str) -> dict:
     out = os.path.join(tmp, "case.json")
     cmd = [sys.executable, "-m", "cifar_dist.bench", "--overhead", f"--overhead_case={case}",
            f"--windows={windows}", f"--child_output={out}"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
+    result = run_child(cmd, child_env())
     if result.returncode != 0:
         raise RuntimeError(f"overhead case {case} failed:\n{result.stderr[-3000:]}")
     with open(out) as f:

@@ -34,15 +34,43 @@ def child_env(**extra) -> dict:
     return env
 
 
+POLL_SECONDS = 0.2  # how often a wait for children looks at the stop flag
+
+
 def _wait(procs, timeout):
-    """Each process's output; a timeout, Ctrl-C or SIGTERM of this process ends them too."""
+    """Each process's output; a timeout, or a signal to this process (signals.py: the
+    flag is checked every POLL_SECONDS, Interrupted raised) ends them too."""
+    from cifar_dist import signals  # noqa: PLC0415
+
+    stop = signals.current() or signals.StopRequest()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    outputs = []
     try:
-        return [p.communicate(timeout=timeout) for p in procs]
+        for p in procs:
+            while True:
+                stop.check()
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(p.args, timeout)
+                try:
+                    outputs.append(p.communicate(timeout=min(POLL_SECONDS, left or POLL_SECONDS)))
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        return outputs
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+def run_child(cmd, env) -> subprocess.CompletedProcess:
+    """subprocess.run(cmd, capture_output=True, text=True), ended by a signal to this one."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    [(out, err)] = _wait([proc], None)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _read_json(path):
