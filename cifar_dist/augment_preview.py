@@ -22,7 +22,7 @@ from absl import flags  # noqa: E402
 
 from cifar_dist import cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
-from cifar_dist.errors import ConfigError  # noqa: E402
+from cifar_dist.errors import ConfigError, printable  # noqa: E402
 
 FORMATS = (".png", ".pdf", ".svg")
 
@@ -97,7 +97,7 @@ def preview_command(fv, args) -> int:
     from cifar_dist import data  # noqa: PLC0415
     bundle = data.load(cfg)
     write_preview(bundle, fv.output, fv.split, fv.num_images, fv.num_augmentations, fv.seed)
-    print(f"wrote {fv.output}")
+    print(f"wrote {printable(fv.output)}")
     return 0
 
 

@@ -226,7 +226,14 @@ def load_found_cifar10(cfg, is_chief: Optional[bool] = None) -> DataBundle:
         if not cfg.download:
             raise not_found(looked, "--download=false forbids downloading it")
         path = download_cifar10(looked, is_download_chief(cfg) if is_chief is None else is_chief)
-    return load_local_cifar10(path)
+    try:
+        return load_local_cifar10(path)
+    except DataError as e:
+        # A damaged copy the search found (a cut tarball, a half-extracted cache) would stop
+        # every later run the same way: name the way out.
+        raise DataError(f"{e}; it was found without --data_dir (README, 'Finding CIFAR-10'): "
+                        f"delete {path} and rerun to download it again, or pass "
+                        "--data_dir=DIR") from None
 
 
 # --------------------------------------------------------------------------- TFDS

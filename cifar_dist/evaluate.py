@@ -37,7 +37,7 @@ from absl import flags, logging  # noqa: E402
 from cifar_dist import atomic, cli  # noqa: E402
 from cifar_dist import config as config_lib  # noqa: E402
 from cifar_dist import signals  # noqa: E402
-from cifar_dist.errors import ConfigError, DataError, ModelError  # noqa: E402
+from cifar_dist.errors import ConfigError, DataError, ModelError, printable  # noqa: E402
 from cifar_dist.export import TTA_DEFAULT  # noqa: E402 (export imports no TensorFlow)
 from cifar_dist.run_dir import CONFIG, KERAS_FILE, SAVED_MODEL_DIR, RunDir  # noqa: E402
 
@@ -415,7 +415,7 @@ def evaluate_command(fv, args) -> int:
             f"top{m['top_k']}_accuracy={m['top_k_accuracy']:.4f}")
     if m["tta"]:
         line += f" tta_accuracy={m['tta']['accuracy']:.4f}"
-    print(f"{line} eval_dir={m['eval_dir']}")
+    print(f"{line} eval_dir={printable(m['eval_dir'])}")  # one line, whatever the name
     return 0
 
 

@@ -23,7 +23,7 @@ from absl import logging
 
 from cifar_dist import cli
 from cifar_dist import config as config_lib
-from cifar_dist.errors import PeerLost, UserError
+from cifar_dist.errors import Interrupted, PeerLost, UserError, printable
 
 
 def train_main(cfg) -> dict:
@@ -82,7 +82,7 @@ def train_with_peer_errors(cfg) -> dict:
     try:
         return train_main(cfg)
     except Exception as e:  # noqa: BLE001 - narrowed below
-        if cfg.strategy != "multi_worker" or isinstance(e, UserError):
+        if cfg.strategy != "multi_worker" or isinstance(e, (UserError, Interrupted)):
             raise
         import tensorflow as tf  # noqa: PLC0415 (loaded by now: a strategy exists)
 
@@ -101,7 +101,7 @@ def train_command(fv, args) -> int:
     metrics = train_with_peer_errors(cfg)
     print(f"test_accuracy={metrics['test_accuracy']:.4f} test_loss={metrics['test_loss']:.4f} "
           f"images_per_second={metrics['images_per_second']:.1f} "
-          f"wall_seconds={metrics['wall_seconds']:.0f} model_dir={cfg.model_dir}")
+          f"wall_seconds={metrics['wall_seconds']:.0f} model_dir={printable(cfg.model_dir)}")
     return 0
 
 

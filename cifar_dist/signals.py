@@ -71,7 +71,7 @@ class StopRequest:
         self._loop_took_over = False  # from then on the loop, not the watchdog, acts on a signal
         self._previous = {}
         self._depth = 0
-        self._done = False  # left for good: a watchdog still waiting must not end the process
+        self._interruptible = False
 
     @contextlib.contextmanager
     def deferring(self):
@@ -83,6 +83,18 @@ class StopRequest:
         finally:
             self._deferring = False
         self.check()  # a signal in the loop's last moments: act on it now
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Inside: the handler raises Interrupted itself, ending a blocked read (a download
+        from a server that went quiet) at once. Only around code of ours that expects it
+        (cifar10_files' download loop): anywhere else the exception would land in a library."""
+        self.check()
+        self._interruptible = True
+        try:
+            yield self
+        finally:
+            self._interruptible = False
 
     def install(self) -> "StopRequest":
         """(Re-)installs the handlers; safe to call again after a library replaced one."""
@@ -103,6 +115,9 @@ class StopRequest:
                             signal.Signals(signum).name)
             return
         logging.warning("received %s: stopping", signal.Signals(signum).name)
+        if self._interruptible:
+            self._interruptible = False
+            raise self.interrupted(signum)
         if self._watchdog is None:
             self._watchdog = threading.Thread(target=self._hard_exit, args=(signum,),
                                               daemon=True)
@@ -123,8 +138,8 @@ class StopRequest:
         threading.Event().wait(GRACE_SECONDS)
         # The request in force now (a command's outer one may have started this watchdog
         # before the run's own took over): its model_dir decides 75 or 76.
-        request = current() or self
-        if self._done or request._loop_took_over or self._loop_took_over:
+        request = current()
+        if request is None or request._loop_took_over or self._loop_took_over:
             return  # the command ended, or the loop started: it stops at a call boundary
         atomic.remove_staged()
         e = request.interrupted(signum)
@@ -137,16 +152,18 @@ class StopRequest:
             outer = current()
             if outer is not None and outer.signal is not None and self.signal is None:
                 self.signal = outer.signal  # came before this one was in: the next check() acts
-            self._done = False
             _ACTIVE.append(self)
         return self.install()
 
     def __exit__(self, *exc):
         self._depth -= 1
         if self._depth == 0:
-            self._done = True
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
+            outer = current()
+            if outer is not None and self.signal is not None and outer.signal is None:
+                # Not lost on the way out: the command's own request ends it (or its watchdog)
+                outer.signal, outer.model_dir = self.signal, outer.model_dir or self.model_dir
             for sig, handler in self._previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             self._previous = {}

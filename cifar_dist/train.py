@@ -241,11 +241,14 @@ class Trainer:
                 epoch_end = step % self.steps_per_epoch == 0 or step == self.total_steps
                 if step % cfg.log_steps == 0 or epoch_end:
                     self._log(step, window, clock.window_rate(), progress)
-                # Workers agree on a stop through the summed flag; one process can stop at once.
-                if window[STOP] > 0 or (stop_asked and self.cluster.num_workers == 1):
+                # Workers agree on a stop through the summed flag; one process can stop at once,
+                # at this boundary even when the signal came during the call (read it again:
+                # stop_asked is from before the call, and waiting for it costs a whole call).
+                asked = self.stop.signal is not None
+                if window[STOP] > 0 or (asked and self.cluster.num_workers == 1):
                     self.checkpoints.save()
                     progress.close()
-                    source = (signal.Signals(self.stop.signal).name if stop_asked
+                    source = (signal.Signals(self.stop.signal).name if asked
                               else "a signal to another worker")
                     raise Preempted(f"stopped by {source} at step {step}; checkpoint saved "
                                     f"in {self.run_dir.checkpoints}: rerun the same command "

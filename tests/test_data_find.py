@@ -100,7 +100,8 @@ def test_search_order_cifar10_dir_keras_cache_tfds(places, tmp_path, monkeypatch
     monkeypatch.setenv("TFDS_DATA_DIR", str(tfds_dir))
     assert data.locate_cifar10()[0] is None
     assert not data.needs_tensorflow(Config())
-    (tfds_dir / "cifar10").mkdir(parents=True)
+    (tfds_dir / "cifar10" / "3.0.2").mkdir(parents=True)  # a prepared version
+    (tfds_dir / "cifar10" / "3.0.2" / "dataset_info.json").write_text("{}")
     assert data.locate_cifar10()[:2] == ("tfds", str(tfds_dir))
     assert data.needs_tensorflow(Config())  # TFDS starts TensorFlow: after the strategy
     tfds = pytest.importorskip("tensorflow_datasets")

@@ -171,3 +171,27 @@ def test_bench_answers_a_signal_and_stops_its_children(tmp_path, sig):
     time.sleep(0.5)
     assert _marked_processes(mark) == []  # no child left running
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- kind 5
+
+@pytest.mark.slow
+def test_a_signal_during_a_call_stops_at_that_calls_end(tmp_path):
+    """README: "between calls". The flag was read before a call and that stale value tested
+    after it, so a signal during call N stopped only after call N+1 (step 60, not 40)."""
+    from test_train import start, wait_for_step
+
+    args = ["--dataset=synthetic", "--synthetic_train_size=12800", "--synthetic_test_size=128",
+            "--model=tiny", "--batch_size=64", "--enable_tensorboard=false", "--export=false",
+            "--skip_eval", "--optimizer=sgd", "--learning_rate=0.05", "--train_steps=2000",
+            "--steps_per_loop=20", "--log_steps=20", "--jit_compile=false",
+            f"--model_dir={tmp_path}"]
+    proc = start(args)
+    try:
+        seen = "".join(wait_for_step(proc, 20, timeout=600))  # the call to 40 runs now
+        proc.send_signal(signal.SIGTERM)
+        out = seen + proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopped by SIGTERM at step 40;" in out, [x for x in out.splitlines() if "step" in x]
