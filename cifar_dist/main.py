@@ -66,7 +66,8 @@ def export_and_evaluate(cfg, trainer, bundle, metrics, stop) -> None:
     if not (rerun and os.path.isdir(export_dir)):
         logging.info("exporting into %s", export_dir)
         with trainer.eval_steps.averaged_weights():  # --ema_decay: the averages are the model
-            export.export_model(trainer.model, bundle.class_names, export_dir)
+            export.export_model(trainer.model, bundle.class_names, export_dir, trainer.arch,
+                                cfg.tta_views)
     stop.check()
     if rerun and os.path.isdir(trainer.run_dir.eval):
         return

@@ -58,6 +58,7 @@ class TrainSteps:
         self.device_data = device_data
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = cfg.batch_size
+        self.augmentation = augment_lib.Policy.from_config(cfg)
         self.loss_fn = keras.losses.CategoricalCrossentropy(
             label_smoothing=cfg.label_smoothing, reduction=None)
         jit = cfg.jit_compile
@@ -79,22 +80,25 @@ class TrainSteps:
     # ------------------------------------------------------------------ one replica's step
 
     def _batch(self, inputs, replica):
+        """(images, labels, example ids) of this replica's batch."""
         if self.device_data is None:
             return inputs
         images, labels, order = inputs
         step_in_epoch = self.global_step % self.steps_per_epoch
         ids = pipeline.replica_batch_ids(order, step_in_epoch, replica, self.global_batch,
                                          self.replicas)
-        return tf.gather(images, ids), tf.gather(labels, ids)
+        return tf.gather(images, ids), tf.gather(labels, ids), ids
 
     def _forward_backward(self, inputs, replica, stop):
         """The gradients as one flat vector (Update.flatten; loss-scaled in float16) and
         [loss_sum, correct, count, nonfinite, stop]."""
-        images_u8, labels = self._batch(inputs, replica)
+        images_u8, labels, ids = self._batch(inputs, replica)
+        # Keyed by (run seed, epoch, example id): the same example is augmented the same
+        # whatever the number of replicas and workers.
         seed = tf.stack([tf.constant(self.cfg.seed, tf.int64),
-                         self.global_step * 4096 + tf.cast(replica, tf.int64)])
-        x = (augment_lib.augment_batch(images_u8, seed) if self.cfg.augment
-             else augment_lib.to_unit_float(images_u8))
+                         self.global_step // self.steps_per_epoch])
+        x = (augment_lib.augment_batch(images_u8, seed, self.augmentation, ids)
+             if self.cfg.augment else augment_lib.to_unit_float(images_u8))
         with tf.GradientTape() as tape:
             probs = self.model(x, training=True)
             per_example = self.loss_fn(tf.one_hot(labels, self.num_classes), probs)
@@ -160,8 +164,8 @@ class TrainSteps:
     def _loop_on_iterator(self, iterator, num_steps, stop):
         self.window.assign(tf.zeros([len(STATS)]))
         for _ in tf.range(num_steps):
-            images, labels, _ = next(iterator)
-            self.strategy.run(self._replica_step, args=((images, labels), stop))
+            batch = next(iterator)  # images, labels, example ids
+            self.strategy.run(self._replica_step, args=(batch, stop))
         return self.window.read_value()
 
     def run(self, inputs, num_steps: int, stop: bool):
