@@ -232,7 +232,7 @@ class Job:
         self.fail(f"not finished after {timeout} s")
 
     def completed(self, restarts: int) -> None:
-        info = self.wait_done(420)
+        info = self.wait_done(900)  # 2 shared cores: TF starts in 20 s idle, minutes busy
         if (info.get("JobState"), info.get("ExitCode"), info.get("Restarts")) != (
                 "COMPLETED", "0:0", str(restarts)):
             self.fail(f"expected completion after {restarts} requeue(s)")
@@ -279,7 +279,7 @@ def test_sbatch_on_two_nodes_completes_on_both(sbatch, reference, tmp_path):
 def test_a_stop_or_a_lost_node_mid_run_requeues_and_resumes(sbatch, slurm, network, reference,
                                                             tmp_path, how):
     job = sbatch(tmp_path / "run")
-    job.wait_for_log(rf"^0: .*step [4-9]/{STEPS}", 300)
+    job.wait_for_log(rf"^0: .*step [4-9]/{STEPS}", 600)
     if how == "SIGUSR1":  # what --signal=USR1@N sends before the time limit
         subprocess.run(["scancel", "--signal=USR1", job.id], env=slurm.env, check=True,
                        timeout=30)
