@@ -18,6 +18,12 @@ because MultiWorkerMirroredStrategy installs a SIGTERM handler of its own that o
 records the signal (a SIGTERM in the second or so that TensorFlow takes to form a cluster
 whose workers have all started is lost to it).
 
+After the run's record is complete (`stop.finished()`: metrics, export and evaluation
+written) a signal changes nothing: it is logged and ignored, and with `until_exit=True`
+(main.py) that lasts until the process ends (SIG_IGN once the `with` is left), so a SIGUSR1
+during the final line or TensorFlow's shutdown can neither kill a finished run (exit 138)
+nor make it a failure.
+
 Not tf.distribute.experimental.PreemptionCheckpointHandler: BUILD_NOTES.md ("What the
 package writes itself") says why.
 """
@@ -52,10 +58,17 @@ def current():
     return _ACTIVE[-1] if _ACTIVE else None
 
 
+def _ignore_late(signum, frame):
+    """A signal after the run finished: nothing is left to save or stop."""
+    logging.warning("received %s after the run finished: ignored", signal.Signals(signum).name)
+
+
 class StopRequest:
-    def __init__(self, model_dir: str = ""):
+    def __init__(self, model_dir: str = "", until_exit: bool = False):
         self.signal = None
         self.model_dir = model_dir
+        self.until_exit = until_exit  # finished: keep ignoring signals after `with` (main.py)
+        self.done = False
         self._deferring = False
         self._watchdog = None
         self._loop_took_over = False  # from then on the loop, not the watchdog, acts on a signal
@@ -83,7 +96,14 @@ class StopRequest:
             self._previous.setdefault(sig, previous)
         return self
 
+    def finished(self) -> None:
+        """The run's record is complete: from here on a signal is logged and ignored."""
+        self.done = True
+
     def _handle(self, signum, frame):
+        if self.done:
+            _ignore_late(signum, frame)
+            return
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self.signal = signum
@@ -110,7 +130,7 @@ class StopRequest:
     def _hard_exit(self, signum):
         """The main thread had GRACE_SECONDS to reach a phase boundary; it is stuck: end here."""
         threading.Event().wait(GRACE_SECONDS)
-        if self._loop_took_over:  # the loop started meanwhile: it stops at a call boundary
+        if self._loop_took_over or self.done:  # the loop stops at a call boundary; or finished
             return
         atomic.remove_staged()
         e = self.interrupted(signum)
@@ -129,6 +149,10 @@ class StopRequest:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
             for sig, handler in self._previous.items():
+                if self.done and self.until_exit:  # up to the process's end (main.py):
+                    # SIG_IGN, not a Python function: Python's finalization resets those to
+                    # SIG_DFL while TensorFlow is still shutting down (a SIGUSR1 kills then)
+                    handler = signal.SIG_IGN
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             self._previous = {}
         return False

@@ -273,15 +273,8 @@ class Trainer:
                 if step % cfg.log_steps == 0 or epoch_end:
                     self._log(step, window, clock.window_rate(), progress)
                 # Workers agree on a stop through the summed flag; one process can stop at once.
-                if window[STOP] > 0 or (stop_asked and self.cluster.num_workers == 1):
-                    self.checkpoints.save()
-                    progress.close()
-                    source = (signal.Signals(self.stop.signal).name if stop_asked
-                              else "a signal to another worker")
-                    raise Preempted(f"stopped by {source} at step {step}; checkpoint saved "
-                                    f"in {self.run_dir.checkpoints}: rerun the same command "
-                                    "to resume")
-                if epoch_end:
+                stopping = window[STOP] > 0 or (stop_asked and self.cluster.num_workers == 1)
+                if epoch_end:  # before a stop too, so history.csv keeps every epoch
                     epoch = math.ceil(step / self.steps_per_epoch)
                     row = self._end_epoch(epoch, step, epoch_stats, clock.epoch_rate(),
                                           clock.train_seconds)
@@ -290,8 +283,15 @@ class Trainer:
                         history = [h for h in history if h["epoch"] < epoch] + [row]
                         self.run_dir.write_history(history)
                     self.checkpoints.save()
-                elif cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
+                elif stopping or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0):
                     self.checkpoints.save()
+                if stopping:
+                    progress.close()
+                    source = (signal.Signals(self.stop.signal).name if stop_asked
+                              else "a signal to another worker")
+                    raise Preempted(f"stopped by {source} at step {step}; checkpoint saved "
+                                    f"in {self.run_dir.checkpoints}: rerun the same command "
+                                    "to resume")
                 clock.start()
         progress.close()
         return self._finish(start_step, clock, history)
