@@ -29,6 +29,8 @@ import math
 
 import tensorflow as tf
 
+from cifar_dist.config import TTA_VIEWS
+
 ROTATION_DEGREES = 15.0
 SHIFT_FRACTION = 0.1
 FLIP_PROBABILITY = 0.5
@@ -46,9 +48,6 @@ def _hash32(x: tf.Tensor) -> tf.Tensor:
     x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 15))
     x = x * tf.constant(0x846CA68B, tf.uint32)
     return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, 16))
-
-
-FLIPS = ("random", "alternating", "none")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,13 +102,6 @@ def example_uniforms(key: tf.Tensor, ids: tf.Tensor, streams: int) -> tf.Tensor:
     counter = counter * tf.constant(0x9E3779B9, tf.uint32)
     bits = _hash32(_hash32(counter ^ key) + key)
     return tf.cast(tf.bitwise.right_shift(bits, 8), tf.float32) * (1.0 / (1 << 24))
-
-
-def stateless_uniforms(seed: tf.Tensor, streams: int, batch) -> tf.Tensor:
-    """float32 [streams, batch]: example_uniforms for examples 0..batch-1 under the key of an
-    int64 seed pair."""
-    seed = tf.cast(seed, tf.int64)
-    return example_uniforms(_key(seed[0], seed[1]), tf.range(batch), streams)
 
 
 def sample_params(seed: tf.Tensor, batch, height: int, width: int, policy: Policy = Policy(),
@@ -233,9 +225,6 @@ def augment_batch(images_u8: tf.Tensor, seed: tf.Tensor, policy: Policy = Policy
 
 
 # --------------------------------------------------------------------------- test time
-
-TTA_VIEWS = ("none", "flip", "flip_translate")
-
 
 def tta_probabilities(probabilities_fn, images_u8, views: str = "flip") -> tf.Tensor:
     """Class probabilities of uint8 images under test-time augmentation (--tta_views):

@@ -379,7 +379,7 @@ def define_flags(fv: flags.FlagValues) -> None:
                       "trained with --validation_size)", flag_values=fv)
     flags.DEFINE_bool("tta", TTA_DEFAULT, "also report test-time augmentation (the views "
                       "recorded with the model, or --tta_views)", flag_values=fv)
-    flags.DEFINE_enum("tta_views", "", ["", "flip", "flip_translate"], "test-time views "
+    flags.DEFINE_enum("tta_views", "", ["", *config_lib.TTA_VIEWS[1:]], "test-time views "
                       "(empty: the ones recorded with the exported model, tta.json)",
                       flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy", flag_values=fv)

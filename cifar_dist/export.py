@@ -242,7 +242,7 @@ class ExportedModel:
 
 def _tta_views_beside(folder: str) -> str:
     """The views recorded in an export folder's tta.json (TTA_VIEWS_BEFORE without one)."""
-    from cifar_dist.augment import TTA_VIEWS  # noqa: PLC0415
+    from cifar_dist.config import TTA_VIEWS  # noqa: PLC0415
 
     path = os.path.join(folder, TTA_FILE)
     if not os.path.isfile(path):
@@ -401,7 +401,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("averaged_weights", True, "a run trained with --ema_decay: export the "
                       "moving averages of the weights (as the run did); false: the trained "
                       "weights", flag_values=fv)
-    flags.DEFINE_enum("tta_views", "", ["", "none", "flip", "flip_translate"],
+    from cifar_dist.config import TTA_VIEWS  # noqa: PLC0415
+
+    flags.DEFINE_enum("tta_views", "", ["", *TTA_VIEWS],
                       "test-time augmentation recorded with the model (what predict and "
                       "evaluate apply; empty: the run's --tta_views)", flag_values=fv)
 

@@ -122,12 +122,13 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_string("output", "", "CSV file to write (default: stdout)", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "images per inference batch", flag_values=fv)
+    from cifar_dist.config import TTA_VIEWS  # noqa: PLC0415
     from cifar_dist.export import TTA_DEFAULT  # noqa: PLC0415 (export imports no TensorFlow)
 
     flags.DEFINE_bool("tta", TTA_DEFAULT, "test-time augmentation: each image's probabilities "
                       "combine those of several views of it (the views recorded with the "
                       "model, or --tta_views); --notta: the image alone", flag_values=fv)
-    flags.DEFINE_enum("tta_views", "", ["", "flip", "flip_translate"], "test-time views "
+    flags.DEFINE_enum("tta_views", "", ["", *TTA_VIEWS[1:]], "test-time views "
                       "(empty: the ones recorded with the model; flip: the image and its "
                       "mirror; flip_translate: airbench's 6 views)", flag_values=fv)
 

@@ -102,6 +102,14 @@ def start(args, env=None):
                             stderr=subprocess.STDOUT, text=True)
 
 
+def rest_of_output(proc, timeout):
+    """What the process prints from here to its end. Not communicate(timeout=...): that
+    reads the pipe's file descriptor and misses lines read_until's iteration has already
+    buffered."""
+    proc.wait(timeout=timeout)
+    return proc.stdout.read()
+
+
 def read_until(proc, pattern, timeout):
     lines, deadline, rx = [], time.monotonic() + timeout, re.compile(pattern)
     for line in proc.stdout:
@@ -122,7 +130,7 @@ def test_stop_signals_at_the_very_end_leave_a_finished_run_exit_0(tmp_path):
         while proc.poll() is None:  # SIGUSR1 until the process is gone
             proc.send_signal(signal.SIGUSR1)
             time.sleep(0.1)
-        out = proc.communicate(timeout=60)[0]
+        out = rest_of_output(proc, 60)
     finally:
         proc.kill()
     assert proc.returncode == 0, out[-3000:]
@@ -144,7 +152,7 @@ def test_a_stop_on_an_epoch_boundary_keeps_that_epoch_in_history(tmp_path):
     try:
         read_until(proc, r" step (8|12|16|20)/40", 300)
         proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=120)[0]
+        out = rest_of_output(proc, 120)
     finally:
         proc.kill()
     assert proc.returncode == 75, out[-3000:]
