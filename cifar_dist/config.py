@@ -146,6 +146,14 @@ def _choice(name, value, allowed):
 
 def validate(cfg: Config) -> None:
     """Checks that need no hardware; strategy-dependent checks live in distribute.py."""
+    # NaN passes every `<` and `>` test below as False, inf most of them: refuse both first,
+    # for every float field (a new one is covered without being listed).
+    for field in dataclasses.fields(cfg):
+        if field.type in (float, "float"):
+            value = getattr(cfg, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ConfigError(f"--{field.name} must be a finite number, got {value!r}")
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("dtype", cfg.dtype, DTYPES)
@@ -194,14 +202,6 @@ def validate(cfg: Config) -> None:
                 and 1 <= int(parts[0]) <= int(parts[-1])):
             raise ConfigError(f"--profile_steps={cfg.profile_steps!r} must be A,B (steps A to "
                               "B, 1 <= A <= B) or A (one step)")
-    # NaN passes every `<` and `>` test below as False, inf most of them: refuse both first,
-    # for every float field (a new one is covered without being listed).
-    for field in dataclasses.fields(cfg):
-        if field.type in (float, "float"):
-            value = getattr(cfg, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise ConfigError(f"--{field.name} must be a finite number, got {value!r}")
     positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
                 "log_steps": cfg.log_steps, "keep_checkpoints": cfg.keep_checkpoints,
                 "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout,
