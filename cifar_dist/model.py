@@ -191,6 +191,12 @@ def first_conv(model: keras.Model) -> keras.layers.Conv2D:
     return next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
 
 
+def batch_norm_statistics(model: keras.Model) -> list:
+    """Every BatchNormalization layer's moving mean and variance, in layer order."""
+    return [v for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
 def dirac_kernel(kernel: np.ndarray) -> np.ndarray:
     """A 3x3 kernel [kh, kw, in, out] whose first min(in, out) filters are identities (the
     centre tap of their own input channel is 1, every other tap 0), the rest unchanged:

@@ -306,7 +306,6 @@ class Trainer:
         tf.summary.scalar("train/learning_rate", lr, step)
 
     def _end_epoch(self, epoch, step, stats, images_per_second, train_seconds):
-        self.eval_steps.sync_moving_stats()
         row = {"epoch": epoch, "step": step,
                "train_loss": stats[LOSS_SUM] / max(stats[COUNT], 1),
                "train_accuracy": stats[CORRECT] / max(stats[COUNT], 1),
@@ -327,7 +326,6 @@ class Trainer:
         return row
 
     def _finish(self, start_step, clock, history) -> dict:
-        self.eval_steps.sync_moving_stats()
         with self.eval_steps.averaged_weights():
             test = self.eval_steps.evaluate(self.bundle.test)
             val = (self.eval_steps.evaluate(self.bundle.validation)

@@ -66,7 +66,7 @@ def test_report_and_predictions_agree_with_metrics(evaluation, test_split):
     assert len(accuracy_rows) == 1, report  # scikit-learn's "accuracy  0.xxxx  n" row
     assert float(accuracy_rows[0][1]) == pytest.approx(round(metrics["accuracy"], 4))
     assert int(accuracy_rows[0][2]) == metrics["examples"]
-    assert "flip TTA: accuracy" in report
+    assert "TTA (flip): accuracy" in report  # the run's views: the default, flip
 
     rows = read_csv(out / "predictions.csv")
     assert [int(r["index"]) for r in rows] == list(range(len(test_split)))

@@ -54,7 +54,9 @@ def weights(model_dir: Path) -> dict:
 def assert_bitwise(model_dir: Path, reference: dict) -> None:
     mine = weights(model_dir)
     assert mine.keys() == reference.keys() and len(mine) > 20
-    differing = [k for k in mine if not np.array_equal(mine[k], reference[k])]
+    # save_counter counts saves: a stop between checkpoints adds one, and nothing reads it.
+    differing = [k for k in mine if k != "save_counter/.ATTRIBUTES/VARIABLE_VALUE"
+                 and not np.array_equal(mine[k], reference[k])]
     assert not differing, f"differ from one process with two replicas: {differing[:5]}"
 
 
