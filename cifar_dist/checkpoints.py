@@ -55,7 +55,6 @@ class RunCheckpoints:
         Weights that went non-finite are never saved: the last good checkpoint stays the
         newest one (every worker holds the same weights, so all of them stop here).
         """
-        self.eval_steps.sync_moving_stats()
         if not bool(self.eval_steps.weights_finite().numpy()):
             raise TrainingDiverged(
                 f"weights became non-finite by step {int(self.global_step.numpy())}; the last "

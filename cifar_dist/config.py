@@ -19,13 +19,18 @@ from cifar_dist.errors import ConfigError
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 DATASETS = ("cifar10", "sample", "folder", "synthetic")
 DTYPES = ("float32", "float16", "bfloat16")
-MODELS = ("seed", "tiny")
+MODELS = ("seed", "tiny", "airbench94")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 LR_SCALING = ("none", "linear", "sqrt")
 CLUSTERS = ("auto", "tf_config", "slurm")
 ALL_REDUCE = ("auto", "ring", "nccl")
 DATA_ON_DEVICE = ("auto", "true", "false")
+FLIPS = ("random", "alternating", "none")
+AUTO_BOOL = ("auto", "true", "false")
+WHITEN_INIT = ("auto", "none", "trainable", "frozen")
+WEIGHT_DECAY_MODES = ("decoupled", "coupled")
+TTA_VIEWS = ("none", "flip", "flip_translate")
 MAX_CPU_DEVICES_PER_CORE = 8
 
 
@@ -43,8 +48,17 @@ class Config:
     synthetic_train_size: int = 1024
     synthetic_test_size: int = 256
     augment: bool = True
-    # model
+    rotation_degrees: float = 15.0
+    shift_fraction: float = 0.1
+    translate_pixels: int = 0
+    flip: str = "random"
+    # model ("auto": the network's own choice, see model.NETWORK_DEFAULTS)
     model: str = "seed"
+    bn_momentum: str = "auto"
+    bn_scale: str = "auto"
+    dirac_init: str = "auto"
+    whiten_init: str = "auto"
+    whiten_bias_epochs: int = 0  # 0 = the first conv's bias trains throughout
     # optimisation
     batch_size: int = 256
     train_epochs: int = 10
@@ -56,8 +70,17 @@ class Config:
     schedule: str = "onecycle"
     warmup_fraction: float = 0.15
     weight_decay: float = 0.2
+    weight_decay_mode: str = "decoupled"
+    norm_lr_multiplier: float = 1.0
+    norm_weight_decay_multiplier: float = 0.0
+    bias_lr_multiplier: float = 1.0
+    bias_weight_decay_multiplier: float = 0.0
+    initial_lr_fraction: float = 0.0
+    final_lr_fraction: float = 0.0
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0 = off
+    lookahead_steps: int = 0  # 0 = off
+    lookahead_decay: float = 0.95 ** 5
     lr_scaling: str = "none"
     base_batch_size: int = 256
     seed: int = 0
@@ -83,6 +106,7 @@ class Config:
     keep_checkpoints: int = 3
     log_steps: int = 50
     skip_eval: bool = False
+    tta_views: str = "flip"
     enable_tensorboard: bool = True
     profile_steps: str = ""  # "A,B": a profiler trace of steps A..B (see profile_range)
     export: bool = True
@@ -122,6 +146,14 @@ def _choice(name, value, allowed):
 
 def validate(cfg: Config) -> None:
     """Checks that need no hardware; strategy-dependent checks live in distribute.py."""
+    # NaN passes every `<` and `>` test below as False, inf most of them: refuse both first,
+    # for every float field (a new one is covered without being listed).
+    for field in dataclasses.fields(cfg):
+        if field.type in (float, "float"):
+            value = getattr(cfg, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ConfigError(f"--{field.name} must be a finite number, got {value!r}")
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("dtype", cfg.dtype, DTYPES)
@@ -132,6 +164,34 @@ def validate(cfg: Config) -> None:
     _choice("cluster", cfg.cluster, CLUSTERS)
     _choice("all_reduce", cfg.all_reduce, ALL_REDUCE)
     _choice("data_on_device", cfg.data_on_device, DATA_ON_DEVICE)
+    _choice("flip", cfg.flip, FLIPS)
+    _choice("bn_scale", cfg.bn_scale, AUTO_BOOL)
+    _choice("dirac_init", cfg.dirac_init, AUTO_BOOL)
+    _choice("whiten_init", cfg.whiten_init, WHITEN_INIT)
+    _choice("weight_decay_mode", cfg.weight_decay_mode, WEIGHT_DECAY_MODES)
+    _choice("tta_views", cfg.tta_views, TTA_VIEWS)
+    if cfg.bn_momentum != "auto":
+        try:
+            momentum = float(cfg.bn_momentum)
+        except ValueError:
+            momentum = math.nan
+        if not 0 <= momentum < 1:
+            raise ConfigError(f"--bn_momentum={cfg.bn_momentum!r} must be 'auto' or a number "
+                              "in [0, 1) (Keras' convention: the weight of the old statistics)")
+    if cfg.translate_pixels and (cfg.rotation_degrees or cfg.shift_fraction):
+        raise ConfigError("--translate_pixels needs --rotation_degrees=0 and "
+                          "--shift_fraction=0 (whole-pixel translation replaces the seed's "
+                          "affine map)")
+    if not 0 <= cfg.translate_pixels <= 8:
+        raise ConfigError(f"--translate_pixels must be in 0..8, got {cfg.translate_pixels}")
+    if not 0 <= cfg.rotation_degrees <= 180 or not 0 <= cfg.shift_fraction <= 0.5:
+        raise ConfigError("--rotation_degrees must be in [0, 180] and --shift_fraction in "
+                          f"[0, 0.5], got {cfg.rotation_degrees} and {cfg.shift_fraction}")
+    if not 0 < cfg.lookahead_decay < 1:
+        raise ConfigError(f"--lookahead_decay must be in (0, 1), got {cfg.lookahead_decay}")
+    for name in ("initial_lr_fraction", "final_lr_fraction"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise ConfigError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
     if cfg.steps_per_loop != "auto" and not (cfg.steps_per_loop.isdigit()
                                              and int(cfg.steps_per_loop) > 0):
         raise ConfigError(f"--steps_per_loop={cfg.steps_per_loop!r} must be 'auto' or a "
@@ -142,14 +202,6 @@ def validate(cfg: Config) -> None:
                 and 1 <= int(parts[0]) <= int(parts[-1])):
             raise ConfigError(f"--profile_steps={cfg.profile_steps!r} must be A,B (steps A to "
                               "B, 1 <= A <= B) or A (one step)")
-    # NaN passes every `<` and `>` test below as False, inf most of them: refuse both first,
-    # for every float field (a new one is covered without being listed).
-    for field in dataclasses.fields(cfg):
-        if field.type in (float, "float"):
-            value = getattr(cfg, field.name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise ConfigError(f"--{field.name} must be a finite number, got {value!r}")
     positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
                 "log_steps": cfg.log_steps, "keep_checkpoints": cfg.keep_checkpoints,
                 "learning_rate": cfg.learning_rate, "collective_timeout": cfg.collective_timeout,
@@ -162,7 +214,13 @@ def validate(cfg: Config) -> None:
                     "test_subset": cfg.test_subset, "checkpoint_steps": cfg.checkpoint_steps,
                     "num_cpu_devices": cfg.num_cpu_devices, "weight_decay": cfg.weight_decay,
                     "synthetic_train_size": cfg.synthetic_train_size,
-                    "synthetic_test_size": cfg.synthetic_test_size}
+                    "synthetic_test_size": cfg.synthetic_test_size,
+                    "whiten_bias_epochs": cfg.whiten_bias_epochs,
+                    "lookahead_steps": cfg.lookahead_steps,
+                    "norm_lr_multiplier": cfg.norm_lr_multiplier,
+                    "norm_weight_decay_multiplier": cfg.norm_weight_decay_multiplier,
+                    "bias_lr_multiplier": cfg.bias_lr_multiplier,
+                    "bias_weight_decay_multiplier": cfg.bias_weight_decay_multiplier}
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name} must be >= 0, got {value}")
@@ -220,8 +278,30 @@ def define_flags(flag_values=None) -> None:
         "test_subset": "use only the first N test images (0 = all)",
         "synthetic_train_size": "number of random training images for --dataset=synthetic",
         "synthetic_test_size": "number of random test images for --dataset=synthetic",
-        "augment": "the seed's augmentation on the device: rotation +/-15 deg, 10%% shifts, flip",
-        "model": "seed (the published 2.2M-parameter residual net) or tiny (for tests)",
+        "augment": "augment the training images on the device (the next four flags; default: "
+                   "the seed's rotation +/-15 deg, 10%% shifts, random flip)",
+        "rotation_degrees": "augmentation: rotation uniform in +/- this many degrees",
+        "shift_fraction": "augmentation: continuous shifts up to this fraction of the image "
+                          "size (bilinear, nearest fill)",
+        "translate_pixels": "augmentation: whole-pixel translation by up to N pixels with "
+                            "reflect padding (the fast recipes'; needs --rotation_degrees=0 "
+                            "--shift_fraction=0)",
+        "flip": "augmentation: random (p=0.5), alternating (each example mirrored in every "
+                "other epoch from a random phase: airbench's) or none",
+        "model": "seed (the published 2.2M-parameter residual net), airbench94 (airbench's "
+                 "2.0M-parameter net) or tiny (for tests)",
+        "bn_momentum": "BatchNorm momentum, Keras' convention (weight of the old moving "
+                       "statistics; PyTorch's momentum is 1 minus it): auto = the network's "
+                       "own (seed 0.9, airbench94 0.6)",
+        "bn_scale": "BatchNorm with a learnable scale (gamma): auto (seed yes, airbench94 no), "
+                    "true, false",
+        "dirac_init": "initialise 3x3 convolutions after the first as partial identities "
+                      "(dirac): auto (seed no, airbench94 yes), true, false",
+        "whiten_init": "the first convolution's filters from the whitening of the training "
+                       "images' patches: auto (seed none, airbench94 frozen), none, "
+                       "trainable, frozen",
+        "whiten_bias_epochs": "with whitening: train the first convolution's bias for this "
+                              "many epochs, then freeze it (0 = never frozen)",
         "batch_size": "GLOBAL batch size, summed over all replicas and workers",
         "train_epochs": "epochs to train (ignored when --train_steps > 0)",
         "train_steps": "total optimizer steps (overrides --train_epochs when > 0)",
@@ -231,7 +311,23 @@ def define_flags(flag_values=None) -> None:
         "nesterov": "Nesterov momentum for SGD",
         "schedule": "onecycle (linear warmup then linear decay to 0), cosine (warmup then cosine), constant",
         "warmup_fraction": "fraction of all steps spent warming the learning rate up from 0",
-        "weight_decay": "decoupled weight decay (not applied to biases and BatchNorm)",
+        "weight_decay": "weight decay of the kernels (biases and BatchNorm: see the "
+                        "*_weight_decay_multiplier flags)",
+        "weight_decay_mode": "decoupled (each step shrinks a weight by rate x decay, as Keras' "
+                             "AdamW) or coupled (decay x weight added to the gradient, as "
+                             "PyTorch's SGD)",
+        "norm_lr_multiplier": "learning-rate multiplier of BatchNorm parameters",
+        "norm_weight_decay_multiplier": "weight-decay multiplier of BatchNorm parameters "
+                                        "(0: not decayed)",
+        "bias_lr_multiplier": "learning-rate multiplier of conv and dense biases",
+        "bias_weight_decay_multiplier": "weight-decay multiplier of conv and dense biases "
+                                        "(0: not decayed)",
+        "initial_lr_fraction": "the warmup starts at this fraction of the peak rate",
+        "final_lr_fraction": "onecycle/cosine end at this fraction of the peak rate",
+        "lookahead_steps": "lookahead: every N steps the weights move to a moving average of "
+                           "themselves (0 = off), as airbench",
+        "lookahead_decay": "lookahead: the average's decay at the end of training; at step t "
+                           "of T it is decay x (t/T)^3, and the last step takes the average",
         "ema_decay": "exponential moving average of the weights (0 = off), updated in the "
                      "compiled step with a warm-up, min(decay, (1 + t) / (10 + t)) at step t; "
                      "evaluation and export then use the averaged weights",
@@ -268,6 +364,8 @@ def define_flags(flag_values=None) -> None:
         "keep_checkpoints": "checkpoints kept in model_dir",
         "log_steps": "log loss, accuracy and images/s every N steps",
         "skip_eval": "skip the evaluation at each epoch end",
+        "tta_views": "test-time augmentation of this run's model (the final evaluation, "
+                     "evaluate and predict by default): none, flip, flip_translate (6 views)",
         "enable_tensorboard": "write TensorBoard summaries into model_dir/tensorboard",
         "profile_steps": "A,B: write a TensorFlow profiler trace of training steps A to B "
                          "(1-based) into model_dir/tensorboard on the chief, for TensorBoard's "

@@ -22,7 +22,7 @@ import tensorflow as tf
 from absl import logging
 
 from cifar_dist import preflight, signals
-from cifar_dist.errors import ClusterError, ConfigError, PeersMissing, printable
+from cifar_dist.errors import ClusterError, ConfigError, PeersMissing, peer_cause, printable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -367,3 +367,26 @@ def make_strategy(cfg):
     index = task_id + (1 if task_type == "worker" and "chief" in spec else 0)
     logging.info("MultiWorkerMirroredStrategy: %s:%d of %d workers", task_type, task_id, workers)
     return strategy, ClusterInfo(num_workers=workers, worker_index=index)
+
+
+# --------------------------------------------------------------------------- the end
+
+# How long a worker waits at the end for the others (the chief's export and evaluation).
+LEAVE_TIMEOUT_SECONDS = 3600.0
+
+
+def leave_together(cluster: ClusterInfo, timeout: float = LEAVE_TIMEOUT_SECONDS) -> None:
+    """Every worker of a finished multi-worker run waits here for the others (the chief
+    exports and evaluates after training), so none exits while the chief still works:
+    TensorFlow's coordination service would log a missing worker's heartbeats as an
+    error on the chief. A worker whose peers are gone (the chief died in its export) or
+    late past `timeout` logs one line and ends normally: its own part is done."""
+    if cluster.num_workers <= 1:
+        return
+    from tensorflow.python.eager import context  # noqa: PLC0415
+
+    try:
+        context.context().wait_at_barrier("cifar_dist_finished", int(timeout * 1000))
+    except tf.errors.OpError as e:
+        logging.warning("finished, but not every worker reached the end together (%s)",
+                        peer_cause(e.message))

@@ -146,6 +146,32 @@ class Interrupted(Exception):
                 if self.resumable else "no checkpoint was written: a rerun starts afresh"))
 
 
+# TensorFlow's wrapping around the cause of a failed collective: lines that say nothing of it.
+_NOISE = ("Graph execution error", "Detected at node", "The error could be from a previous",
+          "Additional GRPC error information", ":UNKNOWN:Error received from peer",
+          "The tasks have crashed", "[[{{node", "File ")
+_PREFIXES = ("Collective ops is aborted by:", "Error reported from")
+
+
+def peer_cause(message: str, limit: int = 300) -> str:
+    """The cause in a TensorFlow error about a lost peer, as one line: "recvmsg:Connection
+    reset by peer", "The following tasks are unhealthy (stopped sending heartbeats):
+    /job:worker/replica:0/task:1", not its first line ("Graph execution error:")."""
+    lines = []
+    for line in (message or "").splitlines():
+        line = line.strip()
+        if not line or line.startswith(_NOISE):
+            continue
+        for prefix in _PREFIXES:  # "Collective ops is aborted by: Error reported from X: Y"
+            if line.startswith(prefix):
+                line = line[len(prefix):].strip()
+                if prefix == _PREFIXES[1]:
+                    line = line.partition(": ")[2] or line
+        lines.append(line)
+    cause = " ".join(lines[:2]) or (message or "").strip() or "no message"
+    return printable(cause if len(cause) <= limit else cause[:limit - 3] + "...")
+
+
 EXIT_ERRORS = (UserError, TrainingDiverged, PeerLost, Preempted, Interrupted)
 
 

@@ -250,7 +250,7 @@ def _report_text(metrics, sklearn_text) -> str:
              f"loss {m['loss']:.4f}, top-{m['top_k']} accuracy {m['top_k_accuracy']:.4f}"]
     if m.get("tta"):
         t = m["tta"]
-        lines.append(f"flip TTA: accuracy {t['accuracy']:.4f} (standard error "
+        lines.append(f"TTA ({t.get('views', 'flip')}): accuracy {t['accuracy']:.4f} (standard error "
                      f"{t['accuracy_standard_error']:.4f}), loss {t['loss']:.4f}, "
                      f"top-{t['top_k']} accuracy {t['top_k_accuracy']:.4f}")
     lines.append("(report below: without TTA)")
@@ -260,7 +260,8 @@ def _report_text(metrics, sklearn_text) -> str:
 # --------------------------------------------------------------------------- entry point
 
 def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test",
-                       tta: bool = TTA_DEFAULT, top_k: int = 5, batch_size: int = 500,
+                       tta: bool = TTA_DEFAULT, tta_views: str = "", top_k: int = 5,
+                       batch_size: int = 500,
                        output_dir: str = "", plots: bool = True) -> dict:
     """Evaluates model_dir/export/model.keras on one split and writes output_dir.
 
@@ -317,9 +318,11 @@ def evaluate_model_dir(model_dir: str, bundle_or_cfg=None, *, split: str = "test
     metrics.update(per_class)
     metrics["confusion_matrix"] = matrix.tolist()
     metrics["tta"] = None
-    if tta:  # the mean with the mirror images' probabilities (ExportedModel's tta)
-        mirrored = model.probabilities(images[:, :, ::-1, :], batch_size)
-        metrics["tta"] = summary_metrics(labels, 0.5 * (probs + mirrored), top_k)
+    views = (tta_views or model.tta_views) if tta else "none"
+    if views != "none":  # augment.tta_probabilities, as predict and the export
+        metrics["tta"] = dict(summary_metrics(labels, model.probabilities(images, batch_size,
+                                                                          views), top_k),
+                              views=views)
     stop.check()
 
     # A private temporary folder beside output_dir: two evaluations at once (or one
@@ -374,8 +377,11 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_enum("split", "test", SPLITS, "which split to evaluate (validation: runs "
                       "trained with --validation_size)", flag_values=fv)
-    flags.DEFINE_bool("tta", TTA_DEFAULT, "also report flip test-time augmentation (mean of the "
-                      "probabilities of each image and its mirror image)", flag_values=fv)
+    flags.DEFINE_bool("tta", TTA_DEFAULT, "also report test-time augmentation (the views "
+                      "recorded with the model, or --tta_views)", flag_values=fv)
+    flags.DEFINE_enum("tta_views", "", ["", *config_lib.TTA_VIEWS[1:]], "test-time views "
+                      "(empty: the ones recorded with the exported model, tta.json)",
+                      flag_values=fv)
     flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy", flag_values=fv)
     flags.DEFINE_integer("eval_batch_size", 500, "images per inference batch", flag_values=fv)
     flags.DEFINE_string("output_dir", "", "where to write (default: model_dir/eval, replaced)",
@@ -406,7 +412,8 @@ def evaluate_command(fv, args) -> int:
                               f"(pid {owner}); evaluate it when that run has finished")
         cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
         stop.check()
-        m = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta, top_k=fv.top_k,
+        m = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta,
+                               tta_views=fv.tta_views, top_k=fv.top_k,
                                batch_size=fv.eval_batch_size, output_dir=fv.output_dir,
                                plots=fv.plots)
         stop.check()  # a signal during the last step: stop, as training's end does
@@ -414,7 +421,7 @@ def evaluate_command(fv, args) -> int:
             f"standard error, {m['examples']} images) loss={m['loss']:.4f} "
             f"top{m['top_k']}_accuracy={m['top_k_accuracy']:.4f}")
     if m["tta"]:
-        line += f" tta_accuracy={m['tta']['accuracy']:.4f}"
+        line += f" tta_accuracy={m['tta']['accuracy']:.4f} tta_views={m['tta']['views']}"
     print(f"{line} eval_dir={printable(m['eval_dir'])}")  # one line, whatever the name
     return 0
 

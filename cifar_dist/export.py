@@ -42,7 +42,7 @@ from cifar_dist import atomic, cli, signals  # noqa: E402
 from cifar_dist.errors import (CheckpointError, ModelError, UserError,  # noqa: E402
                                printable)
 from cifar_dist.run_dir import (CLASS_NAMES_FILE, CONFIG, EXPORT, KERAS_FILE,  # noqa: E402
-                                SAVED_MODEL_DIR, RunDir)
+                                SAVED_MODEL_DIR, TTA_FILE, RunDir)
 
 # TensorFlow and Keras are imported inside the functions that need them: the command line
 # then rejects bad input at once, before TensorFlow's start-up noise on stderr.
@@ -50,11 +50,12 @@ from cifar_dist.run_dir import (CLASS_NAMES_FILE, CONFIG, EXPORT, KERAS_FILE,  #
 
 # --------------------------------------------------------------------------- writing
 
-def plain_float32_copy(model, num_classes: int):
-    """A float32 model with plain variables (call outside any strategy scope)."""
+def plain_float32_copy(model, num_classes: int, arch=None):
+    """A float32 model with plain variables (call outside any strategy scope); arch: the
+    run's model.Architecture (None: the network's own)."""
     from cifar_dist.model import build_model  # noqa: PLC0415
 
-    copy = build_model(model.name, num_classes, "float32")
+    copy = build_model(model.name, num_classes, "float32", arch=arch)
     copy.set_weights(model.get_weights())
     return copy
 
@@ -88,16 +89,18 @@ def serving_module(model, class_names):
 def check_replaceable(export_dir: str) -> str:
     """export_dir is replaced as a whole: it must be absent, empty or an earlier export."""
     return atomic.check_replaceable(export_dir, "export_dir", "export",
-                                    (SAVED_MODEL_DIR, KERAS_FILE, CLASS_NAMES_FILE))
+                                    (SAVED_MODEL_DIR, KERAS_FILE, CLASS_NAMES_FILE, TTA_FILE))
 
 
-def export_model(model, class_names, export_dir: str) -> str:
+def export_model(model, class_names, export_dir: str, arch=None,
+                 tta_views: str = "flip") -> str:
     """Writes export_dir atomically (a temporary folder renamed into place): a signal
-    (signals.Interrupted) or an error leaves no half export."""
+    (signals.Interrupted) or an error leaves no half export. tta_views: the test-time
+    augmentation recorded with the model (tta.json), what predict and evaluate apply."""
     import tensorflow as tf  # noqa: PLC0415
 
     export_dir = check_replaceable(export_dir)
-    plain = plain_float32_copy(model, len(class_names))
+    plain = plain_float32_copy(model, len(class_names), arch)
     stop = signals.current() or signals.StopRequest()  # none in force: checks never fire
     with atomic.staged(export_dir, folder=True) as tmp:
         module = serving_module(plain, class_names)
@@ -107,6 +110,8 @@ def export_model(model, class_names, export_dir: str) -> str:
         plain.save(os.path.join(tmp, KERAS_FILE))
         with open(os.path.join(tmp, CLASS_NAMES_FILE), "w") as f:
             json.dump(list(class_names), f)
+        with open(os.path.join(tmp, TTA_FILE), "w") as f:
+            json.dump({"views": tta_views}, f)
     logging.info("exported %s", export_dir)
     return export_dir
 
@@ -119,12 +124,13 @@ def model_from_checkpoint(model_dir: str, checkpoint: str = "", averaged: bool =
     path = checkpoint or run.latest_checkpoint()
     import tensorflow as tf  # noqa: PLC0415
 
-    from cifar_dist.model import build_model  # noqa: PLC0415
+    from cifar_dist.model import Architecture, build_model  # noqa: PLC0415
 
     if not tf.io.gfile.exists(path + ".index"):
         raise CheckpointError(f"--checkpoint={path}: no such checkpoint ({path}.index missing)")
     try:
-        model = build_model(saved["model"], len(saved["class_names"]), "float32")
+        model = build_model(saved["model"], len(saved["class_names"]), "float32",
+                            arch=Architecture.of(saved["model"], saved))
     except ValueError as e:
         raise ModelError(f"{run.join(CONFIG)}: {e}") from None
     reason = _restore(model, path, averaged=averaged and bool(saved.get("ema_decay")))
@@ -183,9 +189,10 @@ def _restore(model, path: str, averaged: bool = False) -> str:
 
 
 def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str = "",
-                           averaged: bool = True) -> str:
+                           averaged: bool = True, tta_views: str = "") -> str:
     """Builds the run's model, restores the checkpoint (newest by default), exports it.
-    averaged=False: the trained weights of an --ema_decay run, not their averages."""
+    averaged=False: the trained weights of an --ema_decay run, not their averages.
+    tta_views: recorded with the model ("": the run's --tta_views)."""
     run = RunDir(model_dir)
     run.read_trained_config()  # a missing model_dir is the first thing to say
     export_dir = check_replaceable(export_dir or run.export)
@@ -200,7 +207,10 @@ def export_from_checkpoint(model_dir: str, export_dir: str = "", checkpoint: str
         model, saved, path = model_from_checkpoint(model_dir, checkpoint, averaged)
         if stop is not None:
             stop.check()
-        out = export_model(model, saved["class_names"], export_dir)
+        from cifar_dist.model import Architecture  # noqa: PLC0415
+        out = export_model(model, saved["class_names"], export_dir,
+                           Architecture.of(saved["model"], saved),
+                           tta_views or saved.get("tta_views", TTA_VIEWS_BEFORE))
     logging.info("exported %s from %s", out, path)
     return out
 
@@ -231,38 +241,59 @@ def _run_lock(run: RunDir):
 
 # --------------------------------------------------------------------------- loading
 
-# Flip test-time augmentation (ExportedModel.probabilities' tta) by default in predict and
-# evaluate: chosen on validation (docs/tuning.md); it costs one more forward pass per image.
+# Test-time augmentation (augment.tta_probabilities) by default in predict and evaluate, with
+# the views recorded in the export (tta.json: the run's --tta_views); an export written before
+# that file existed gets flip TTA, its default then (chosen on validation, docs/tuning.md).
 TTA_DEFAULT = True
+TTA_VIEWS_BEFORE = "flip"
 
 
 class ExportedModel:
     """An exported model, loaded back: uint8 images -> class probabilities, in batches."""
 
-    def __init__(self, path: str, kind: str, class_names, fn):
+    def __init__(self, path: str, kind: str, class_names, fn, tta_views: str = TTA_VIEWS_BEFORE):
         self.path, self.kind, self.class_names, self._fn = path, kind, tuple(class_names), fn
+        self.tta_views = tta_views
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     def probabilities(self, images_u8: np.ndarray, batch_size: int = 500,
-                      tta: bool = False) -> np.ndarray:
-        """float32 [N, classes] for uint8 [N, 32, 32, 3]; one compiled call per batch.
-        tta (flip test-time augmentation): the mean of the probabilities of each image and
-        of its horizontal mirror image."""
+                      tta: bool | str = False) -> np.ndarray:
+        """float32 [N, classes] for uint8 [N, 32, 32, 3], a batch at a time.
+        tta: False (the image alone), True (the export's recorded views) or the views by
+        name (augment.TTA_VIEWS): augment.tta_probabilities, the one TTA function."""
         images_u8 = np.asarray(images_u8)
         if images_u8.dtype != np.uint8 or images_u8.shape[1:] != (32, 32, 3):
             raise ValueError(f"expected uint8 [N, 32, 32, 3], got {images_u8.dtype} "
                              f"{images_u8.shape}")
-        if tta:
-            return 0.5 * (self.probabilities(images_u8, batch_size)
-                          + self.probabilities(images_u8[:, :, ::-1, :], batch_size))
         import tensorflow as tf  # noqa: PLC0415
 
-        out = [self._fn(tf.constant(images_u8[i:i + batch_size])).numpy()
+        from cifar_dist.augment import tta_probabilities  # noqa: PLC0415
+
+        views = self.tta_views if tta is True else (tta or "none")
+        out = [tta_probabilities(self._fn, tf.constant(images_u8[i:i + batch_size]),
+                                 views).numpy()
                for i in range(0, len(images_u8), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, self.num_classes), np.float32)
+
+
+def _tta_views_beside(folder: str) -> str:
+    """The views recorded in an export folder's tta.json (TTA_VIEWS_BEFORE without one)."""
+    from cifar_dist.config import TTA_VIEWS  # noqa: PLC0415
+
+    path = os.path.join(folder, TTA_FILE)
+    if not os.path.isfile(path):
+        return TTA_VIEWS_BEFORE
+    try:
+        with open(path) as f:
+            views = json.load(f).get("views")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ModelError(f"{path}: unreadable ({type(e).__name__}: {e})") from None
+    if views not in TTA_VIEWS:
+        raise ModelError(f"{path}: views {views!r} is not one of {', '.join(TTA_VIEWS)}")
+    return views
 
 
 def _class_names_beside(folder: str, num_classes: int, what: str):
@@ -307,7 +338,7 @@ def _load_keras(path: str) -> ExportedModel:
     def fn(images):
         return model(to_unit_float(images), training=False)
 
-    return ExportedModel(path, "keras", names, fn)
+    return ExportedModel(path, "keras", names, fn, _tta_views_beside(os.path.dirname(path)))
 
 
 SAVED_MODEL_WARNING = ("a SavedModel is a program (its graph runs whatever operations "
@@ -366,7 +397,8 @@ def _load_saved_model(path: str) -> ExportedModel:
     def fn(images):
         return signature(**{input_name: images})["probabilities"]
 
-    return ExportedModel(path, "saved_model", names, fn)
+    return ExportedModel(path, "saved_model", names, fn,
+                         _tta_views_beside(os.path.dirname(os.path.normpath(path))))
 
 
 def load_exported(path: str) -> ExportedModel:
@@ -408,6 +440,11 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("averaged_weights", True, "a run trained with --ema_decay: export the "
                       "moving averages of the weights (as the run did); false: the trained "
                       "weights", flag_values=fv)
+    from cifar_dist.config import TTA_VIEWS  # noqa: PLC0415
+
+    flags.DEFINE_enum("tta_views", "", ["", *TTA_VIEWS],
+                      "test-time augmentation recorded with the model (what predict and "
+                      "evaluate apply; empty: the run's --tta_views)", flag_values=fv)
 
 
 def export_command(fv, args) -> int:
@@ -415,7 +452,7 @@ def export_command(fv, args) -> int:
     if not fv.model_dir:
         raise UserError("--model_dir is required (the training run to export)")
     out = export_from_checkpoint(os.path.expanduser(fv.model_dir), fv.export_dir, fv.checkpoint,
-                                 fv.averaged_weights)
+                                 fv.averaged_weights, fv.tta_views)
     print(f"exported {printable(out)}")
     return 0
 

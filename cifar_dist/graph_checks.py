@@ -88,7 +88,8 @@ def step_hlo(trainer, stage="hlo") -> str:
         inputs = (tf.zeros([n, 32, 32, 3], tf.uint8), tf.zeros([n], tf.int32),
                   tf.range(n, dtype=tf.int32))
     else:
-        inputs = (tf.zeros([per_replica, 32, 32, 3], tf.uint8), tf.zeros([per_replica], tf.int32))
+        inputs = (tf.zeros([per_replica, 32, 32, 3], tf.uint8), tf.zeros([per_replica], tf.int32),
+                  tf.range(per_replica, dtype=tf.int64))  # (images, labels, example ids)
     fn = steps.fused_step if trainer.replicas == 1 else steps.grads_step
     return fn.experimental_get_compiler_ir(inputs, tf.constant(0), tf.constant(0))(stage=stage)
 

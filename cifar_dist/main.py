@@ -23,7 +23,7 @@ from absl import logging
 
 from cifar_dist import cli
 from cifar_dist import config as config_lib
-from cifar_dist.errors import Interrupted, PeerLost, UserError, printable
+from cifar_dist.errors import Interrupted, PeerLost, UserError, peer_cause, printable
 
 
 def train_main(cfg) -> dict:
@@ -32,7 +32,8 @@ def train_main(cfg) -> dict:
 
     preflight.check_model_dir(cfg.model_dir)
     # From here on a signal ends the run within seconds in every phase (signals.py).
-    with signals.StopRequest(cfg.model_dir) as stop:
+    # until_exit: once the record is complete, a signal up to the process's end is ignored.
+    with signals.StopRequest(cfg.model_dir, until_exit=True) as stop:
         bundle = None if data.needs_tensorflow(cfg) else data.load(cfg)
         stop.check()  # each phase boundary ends the run if a signal came meanwhile
         # The strategy (devices, collectives) must exist before any TensorFlow op runs.
@@ -52,6 +53,8 @@ def train_main(cfg) -> dict:
         metrics = trainer.run(stop)  # the loop defers signals to its call boundaries
         if cluster.is_chief and cfg.export:
             export_and_evaluate(cfg, trainer, bundle, metrics, stop)
+        stop.finished()  # everything is written: from here to exit a signal changes nothing
+        distribute.leave_together(cluster)  # no worker exits while the chief still works
     return metrics
 
 
@@ -66,7 +69,8 @@ def export_and_evaluate(cfg, trainer, bundle, metrics, stop) -> None:
     if not (rerun and os.path.isdir(export_dir)):
         logging.info("exporting into %s", export_dir)
         with trainer.eval_steps.averaged_weights():  # --ema_decay: the averages are the model
-            export.export_model(trainer.model, bundle.class_names, export_dir)
+            export.export_model(trainer.model, bundle.class_names, export_dir, trainer.arch,
+                                cfg.tta_views)
     stop.check()
     if rerun and os.path.isdir(trainer.run_dir.eval):
         return
@@ -90,8 +94,8 @@ def train_with_peer_errors(cfg) -> dict:
                        tf.errors.CancelledError, tf.errors.AbortedError)
         if not isinstance(e, peer_errors):
             raise
-        first = (e.message or str(e)).strip().splitlines()[0][:300]
-        raise PeerLost(f"lost contact with another worker ({type(e).__name__}: {first}); "
+        cause = peer_cause(e.message or str(e))  # not TF's first line, "Graph execution error:"
+        raise PeerLost(f"lost contact with another worker ({type(e).__name__}: {cause}); "
                        "restart every worker: they resume from the last checkpoint") from None
 
 

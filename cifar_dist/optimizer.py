@@ -22,15 +22,12 @@ flat 1-4% (BUILD_NOTES.md, "The training loop").
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import re
 
 import keras
 import tensorflow as tf
 
-# BatchNorm scales/offsets and biases are not decayed (standard practice). Matched against
-# the variable's name the way keras.optimizers' exclude_from_weight_decay(var_names=...) does.
-NO_DECAY_PATTERN = "gamma|beta|bias"
 ADAM_BETA_1, ADAM_BETA_2, ADAM_EPSILON = 0.9, 0.999, 1e-7  # keras.optimizers.Adam defaults
 LOSS_SCALE_GROWTH_STEPS = 2000  # keras.optimizers.LossScaleOptimizer's dynamic_growth_steps
 
@@ -45,27 +42,36 @@ class LearningRateSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """
 
 
-    def __init__(self, peak, total_steps, warmup_steps, kind="onecycle"):
+    def __init__(self, peak, total_steps, warmup_steps, kind="onecycle", initial_fraction=0.0,
+                 final_fraction=0.0):
         self.peak, self.total, self.warmup, self.kind = peak, total_steps, warmup_steps, kind
+        # --initial_lr_fraction / --final_lr_fraction: where the warmup starts and the decay
+        # ends, as fractions of the peak (airbench's triangle: 0.2 -> 1 -> 0.07).
+        self.initial, self.final = initial_fraction, final_fraction
 
     def __call__(self, step):
         step = tf.cast(step, tf.float32)
         warm = tf.cast(max(self.warmup, 1), tf.float32)
         rest = tf.cast(max(self.total - self.warmup, 1), tf.float32)
         progress = tf.clip_by_value((step - self.warmup) / rest, 0.0, 1.0)
+        low, high = self.final * self.peak, (1.0 - self.final) * self.peak
         if self.kind == "onecycle":
-            after = self.peak * (1.0 - progress)
+            after = low + high * (1.0 - progress)
         elif self.kind == "cosine":
-            after = self.peak * 0.5 * (1.0 + tf.cos(math.pi * progress))
+            after = low + high * 0.5 * (1.0 + tf.cos(math.pi * progress))
         else:
             after = tf.constant(self.peak, tf.float32)
         if self.warmup == 0:
             return after
-        return tf.where(step < self.warmup, self.peak * (step + 1.0) / warm, after)
+        ramp = (step + 1.0) / warm
+        if self.initial:
+            ramp = self.initial + (1.0 - self.initial) * ramp
+        return tf.where(step < self.warmup, self.peak * ramp, after)
 
     def get_config(self):
-        return {"peak": self.peak, "total_steps": self.total,
-                "warmup_steps": self.warmup, "kind": self.kind}
+        return {"peak": self.peak, "total_steps": self.total, "warmup_steps": self.warmup,
+                "kind": self.kind, "initial_fraction": self.initial,
+                "final_fraction": self.final}
 
 
 def peak_learning_rate(cfg) -> float:
@@ -76,7 +82,8 @@ def peak_learning_rate(cfg) -> float:
 
 def make_schedule(cfg, total_steps: int) -> LearningRateSchedule:
     return LearningRateSchedule(peak_learning_rate(cfg), total_steps,
-                          int(round(cfg.warmup_fraction * total_steps)), cfg.schedule)
+                                int(round(cfg.warmup_fraction * total_steps)), cfg.schedule,
+                                cfg.initial_lr_fraction, cfg.final_lr_fraction)
 
 
 def _flat_slot(size: int, dtype, what: str) -> tf.Variable:
@@ -89,22 +96,55 @@ def _flat_slot(size: int, dtype, what: str) -> tf.Variable:
 EMA_WARMUP = 10
 
 
+def variable_group(variable) -> str:
+    """kernel (conv and dense kernels), norm (BatchNorm scale and offset) or bias: the
+    parameter groups that --norm_* and --bias_* multipliers address."""
+    name = variable.name.split("/")[-1].split(":")[0]
+    if name in ("gamma", "beta"):
+        return "norm"
+    return "bias" if name == "bias" else "kernel"
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupSettings:
+    """Per-group multipliers of the learning rate and the weight decay (kernels: 1 and 1)."""
+    norm_lr: float = 1.0
+    norm_decay: float = 0.0
+    bias_lr: float = 1.0
+    bias_decay: float = 0.0
+
+    def lr(self, group: str) -> float:
+        return {"kernel": 1.0, "norm": self.norm_lr, "bias": self.bias_lr}[group]
+
+    def decay(self, group: str) -> float:
+        return {"kernel": 1.0, "norm": self.norm_decay, "bias": self.bias_decay}[group]
+
+
 class Update(tf.Module):
     """Optimizer state (checkpointed) and the update that SGD / Adam / AdamW would apply,
-    with an optional exponential moving average of the weights (--ema_decay).
+    with per-group rates and decay, coupled or decoupled decay, an optional exponential
+    moving average of the weights (--ema_decay) and lookahead (--lookahead_steps).
 
     Create it inside the strategy's scope, like the model: its variables are then mirrored.
     """
 
     def __init__(self, optimizer: str, schedule, variables, *, weight_decay: float = 0.0,
                  momentum: float = 0.9, nesterov: bool = True, loss_scale: float | None = None,
-                 ema_decay: float = 0.0):
+                 ema_decay: float = 0.0, groups: GroupSettings = GroupSettings(),
+                 coupled_decay: bool = False, train_until=None, lookahead_steps: int = 0,
+                 lookahead_decay: float = 0.95 ** 5, total_steps: int = 0):
         super().__init__(name="update")
         self.kind, self.schedule = optimizer, schedule
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
         # Keras: SGD/Adam take weight_decay=None for 0 (no decay); AdamW always decays.
         self.weight_decay = float(weight_decay) if (weight_decay or optimizer == "adamw") else None
-        self.decayed = [re.search(NO_DECAY_PATTERN, v.name) is None for v in variables]
+        self.coupled_decay = bool(coupled_decay)
+        kinds = [variable_group(v) for v in variables]
+        self.lr_multipliers = [groups.lr(k) for k in kinds]
+        self.decay_multipliers = [groups.decay(k) for k in kinds]
+        # train_until[i]: the step (applied steps) from which variable i stays as it is
+        # (--whiten_bias_epochs); None: trains throughout.
+        self.train_until = list(train_until or [None] * len(kinds))
         self.shapes = [v.shape for v in variables]
         self.sizes = [v.shape.num_elements() for v in variables]
         dtypes = {v.dtype for v in variables}
@@ -129,6 +169,18 @@ class Update(tf.Module):
         self.averages = [tf.Variable(tf.convert_to_tensor(v), trainable=False,
                                      name=f"{v.name}_average") for v in variables
                          ] if ema_decay else []
+        self.lookahead_steps, self.lookahead_decay = int(lookahead_steps), float(lookahead_decay)
+        self.total_steps = int(total_steps)
+        self.lookahead = [tf.Variable(tf.convert_to_tensor(v), trainable=False,
+                                      name=f"{v.name}_lookahead") for v in variables
+                          ] if lookahead_steps else []
+
+    def _per_element(self, multipliers) -> tf.Tensor | float:
+        """A flat vector of per-variable multipliers (flatten's layout); 1.0 when all are 1."""
+        if all(m == 1.0 for m in multipliers):
+            return 1.0
+        return tf.concat([tf.fill([n], tf.constant(m, self.dtype))
+                          for n, m in zip(self.sizes, multipliers)], 0)
 
     def learning_rate(self) -> tf.Tensor:
         return tf.cast(self.schedule(self.iterations), tf.float32)
@@ -156,6 +208,7 @@ class Update(tf.Module):
             self._apply(grad, variables, lr, keep=None)
             self.iterations.assign_add(1)
             self._average(variables, keep=None)
+            self._look_ahead(variables, keep=None)
             return lr
         scale = self.dynamic_scale
         self._apply(grad / scale, variables, lr, keep=tf.logical_not(finite))
@@ -164,6 +217,7 @@ class Update(tf.Module):
         self.good_steps.assign(tf.where(finite & ~grow, self.good_steps + 1, 0))
         self.iterations.assign_add(tf.cast(finite, tf.int64))
         self._average(variables, keep=tf.logical_not(finite))
+        self._look_ahead(variables, keep=tf.logical_not(finite))
         return lr
 
     def _average(self, variables, keep):
@@ -176,6 +230,27 @@ class Update(tf.Module):
             value = average + (tf.convert_to_tensor(var) - average) * tf.cast(1 - decay,
                                                                               average.dtype)
             average.assign(value if keep is None else tf.where(keep, average, value))
+
+    def _look_ahead(self, variables, keep):
+        """Lookahead as airbench: every lookahead_steps steps the average moves toward the
+        weights, a = d a + (1 - d) w with d = lookahead_decay x (t / T)^3, and the weights are
+        set to it; the last step (t = T) sets them to the average as it stands. Trainable
+        weights only (airbench also averages BatchNorm's moving statistics; here those stay
+        per replica until they are synchronised, BUILD_NOTES.md)."""
+        if not self.lookahead:
+            return
+        t = self.iterations
+        last = tf.equal(t, self.total_steps)
+        due = tf.logical_or(tf.equal(t % self.lookahead_steps, 0), last)
+        if keep is not None:
+            due = tf.logical_and(due, tf.logical_not(keep))
+        progress = tf.cast(t, tf.float32) / float(max(self.total_steps, 1))
+        decay = tf.where(last, 1.0, self.lookahead_decay * progress ** 3)
+        for slow, var in zip(self.lookahead, variables):
+            weights, average = tf.convert_to_tensor(var), tf.convert_to_tensor(slow)
+            moved = average + (weights - average) * tf.cast(1.0 - decay, average.dtype)
+            slow.assign(tf.where(due, moved, average))
+            var.assign(tf.where(due, moved, weights))
 
     def swap_averages(self, variables) -> None:
         """Exchanges the weights' values with their averages (twice: back as they were), so
@@ -190,14 +265,20 @@ class Update(tf.Module):
             # A skipped step writes the old value back: a select, no branch in the compiled step.
             var.assign(value if keep is None else tf.where(keep, tf.convert_to_tensor(var), value))
 
-        # The optimizer's step, flat: the same arithmetic as Keras', per element.
         lr = tf.cast(lr, self.dtype)
+        if self.weight_decay is not None and self.coupled_decay:
+            # PyTorch's SGD: decay x weight joins the gradient (and so the momentum).
+            decay = self._per_element(self.decay_multipliers) * self.weight_decay
+            grad = grad + self.flatten(variables) * decay
+        # The optimizer's step, flat: the same arithmetic as Keras', per element, with each
+        # group's rate (a vector only when some multiplier is not 1).
+        rate = lr * self._per_element(self.lr_multipliers)
         if self.kind in ("adam", "adamw"):
             m, v = self.flat_momentum, self.flat_velocity
             local_step = tf.cast(self.iterations + 1, self.dtype)
             b1_power = tf.pow(tf.constant(ADAM_BETA_1, self.dtype), local_step)
             b2_power = tf.pow(tf.constant(ADAM_BETA_2, self.dtype), local_step)
-            alpha = lr * tf.sqrt(1 - b2_power) / (1 - b1_power)
+            alpha = rate * tf.sqrt(1 - b2_power) / (1 - b1_power)
             new_m = m + (grad - m) * (1 - ADAM_BETA_1)
             new_v = v + (tf.square(grad) - v) * (1 - ADAM_BETA_2)
             assign(m, new_m)
@@ -205,21 +286,32 @@ class Update(tf.Module):
             step = -((new_m * alpha) / (tf.sqrt(new_v) + ADAM_EPSILON))
         elif self.flat_momentum is not None:
             m, mom = self.flat_momentum, tf.constant(self.momentum, self.dtype)
-            new_m = m * mom - grad * lr
+            new_m = m * mom - grad * rate
             assign(m, new_m)
-            step = new_m * mom - grad * lr if self.nesterov else new_m
+            step = new_m * mom - grad * rate if self.nesterov else new_m
         else:
-            step = -(grad * lr)
+            step = -(grad * rate)
         # Then each variable: decoupled weight decay (before the step, as Keras), the step.
-        for var, var_step, decayed in zip(variables, self.unflatten(step), self.decayed):
-            value = tf.convert_to_tensor(var)
-            if self.weight_decay is not None and decayed:
-                value = value - value * tf.cast(self.weight_decay, self.dtype) * lr
-            assign(var, value + var_step)
+        decoupled = self.weight_decay is not None and not self.coupled_decay
+        for var, var_step, decay, until in zip(variables, self.unflatten(step),
+                                               self.decay_multipliers, self.train_until):
+            old = tf.convert_to_tensor(var)
+            value = old
+            if decoupled and decay:
+                value = value - value * tf.cast(self.weight_decay * decay, self.dtype) * lr
+            value = value + var_step
+            if until is not None:  # frozen from step `until` on (--whiten_bias_epochs)
+                value = tf.where(self.iterations < until, value, old)
+            assign(var, value)
 
 
-def make_update(cfg, total_steps: int, variables) -> Update:
+def make_update(cfg, total_steps: int, variables, train_until=None) -> Update:
+    groups = GroupSettings(cfg.norm_lr_multiplier, cfg.norm_weight_decay_multiplier,
+                           cfg.bias_lr_multiplier, cfg.bias_weight_decay_multiplier)
     return Update(cfg.optimizer, make_schedule(cfg, total_steps), variables,
                   weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=cfg.nesterov,
                   loss_scale=cfg.loss_scale if cfg.dtype == "float16" else None,
-                  ema_decay=cfg.ema_decay)
+                  ema_decay=cfg.ema_decay, groups=groups,
+                  coupled_decay=cfg.weight_decay_mode == "coupled", train_until=train_until,
+                  lookahead_steps=cfg.lookahead_steps, lookahead_decay=cfg.lookahead_decay,
+                  total_steps=total_steps)

@@ -96,9 +96,9 @@ def _load(path: str):
         return None, None, printable(f"{path}: {type(e).__name__}: {e}")
 
 
-def predict_files(model, files, batch_size: int = 256, tta: bool = False):
+def predict_files(model, files, batch_size: int = 256, tta: bool | str = False):
     """Yields a FileResult per file, in order: CHUNK files are decoded, then classified in
-    batches of batch_size (tta: each averaged with its mirror image, ExportedModel's tta).
+    batches of batch_size (tta: ExportedModel.probabilities' test-time augmentation).
     (Decoding in threads was slower here: small files are GIL-bound.)"""
     stop = signals.current() or signals.StopRequest()  # none in force: checks never fire
     for start in range(0, len(files), CHUNK):
@@ -138,11 +138,15 @@ def define_flags(fv: flags.FlagValues) -> None:
                         flag_values=fv)
     flags.DEFINE_string("output", "", "CSV file to write (default: stdout)", flag_values=fv)
     flags.DEFINE_integer("batch_size", 256, "images per inference batch", flag_values=fv)
+    from cifar_dist.config import TTA_VIEWS  # noqa: PLC0415
     from cifar_dist.export import TTA_DEFAULT  # noqa: PLC0415 (export imports no TensorFlow)
 
-    flags.DEFINE_bool("tta", TTA_DEFAULT, "flip test-time augmentation: each image's "
-                      "probabilities are the mean of its own and its mirror image's",
-                      flag_values=fv)
+    flags.DEFINE_bool("tta", TTA_DEFAULT, "test-time augmentation: each image's probabilities "
+                      "combine those of several views of it (the views recorded with the "
+                      "model, or --tta_views); --notta: the image alone", flag_values=fv)
+    flags.DEFINE_enum("tta_views", "", ["", *TTA_VIEWS[1:]], "test-time views "
+                      "(empty: the ones recorded with the model; flip: the image and its "
+                      "mirror; flip_translate: airbench's 6 views)", flag_values=fv)
 
 
 def _check_output(path: str) -> None:
@@ -181,7 +185,8 @@ def predict_command(fv, paths) -> int:
           else contextlib.nullcontext(sys.stdout)) as out:
         writer = csv.writer(out)
         writer.writerow(["path", "label", "confidence"] + list(model.class_names))
-        for result in predict_files(model, files, fv.batch_size, fv.tta):
+        tta = (fv.tta_views or True) if fv.tta else False
+        for result in predict_files(model, files, fv.batch_size, tta):
             if result.error:
                 failures.append(result)
                 print(f"cifar_dist: error: {result.error}", file=sys.stderr)

@@ -32,6 +32,7 @@ CHECKPOINTS, TENSORBOARD, EXPORT, EVAL = "checkpoints", "tensorboard", "export",
 LOCK = ".lock"
 # What an export folder holds (export.py writes it; evaluate, predict and tools/ read it).
 KERAS_FILE, SAVED_MODEL_DIR, CLASS_NAMES_FILE = "model.keras", "saved_model", "class_names.json"
+TTA_FILE = "tta.json"  # the export's test-time views ({"views": ...}), what predict applies
 CHECKPOINT_STATE = "checkpoint"  # tf.train.CheckpointManager's state file in checkpoints/
 INT_COLUMNS = ("epoch", "step", "skipped_steps")
 HISTORY_NUMBERS = ("epoch", "step")  # what every row needs (the curves' x axis)

@@ -18,6 +18,12 @@ because MultiWorkerMirroredStrategy installs a SIGTERM handler of its own that o
 records the signal (a SIGTERM in the second or so that TensorFlow takes to form a cluster
 whose workers have all started is lost to it).
 
+After the run's record is complete (`stop.finished()`: metrics, export and evaluation
+written) a signal changes nothing: it is logged and ignored, and with `until_exit=True`
+(main.py) that lasts until the process ends (SIG_IGN once the `with` is left), so a SIGUSR1
+during the final line or TensorFlow's shutdown can neither kill a finished run (exit 138)
+nor make it a failure.
+
 Not tf.distribute.experimental.PreemptionCheckpointHandler: BUILD_NOTES.md ("What the
 package writes itself") says why.
 """
@@ -62,10 +68,17 @@ class StopNow(KeyboardInterrupt):
         self.error = error
 
 
+def _ignore_late(signum, frame):
+    """A signal after the run finished: nothing is left to save or stop."""
+    logging.warning("received %s after the run finished: ignored", signal.Signals(signum).name)
+
+
 class StopRequest:
-    def __init__(self, model_dir: str = ""):
+    def __init__(self, model_dir: str = "", until_exit: bool = False):
         self.signal = None
         self.model_dir = model_dir
+        self.until_exit = until_exit  # finished: keep ignoring signals after `with` (main.py)
+        self.done = False
         self._deferring = False
         self._watchdog = None
         self._loop_took_over = False  # from then on the loop, not the watchdog, acts on a signal
@@ -106,7 +119,14 @@ class StopRequest:
             self._previous.setdefault(sig, previous)
         return self
 
+    def finished(self) -> None:
+        """The run's record is complete: from here on a signal is logged and ignored."""
+        self.done = True
+
     def _handle(self, signum, frame):
+        if self.done:
+            _ignore_late(signum, frame)
+            return
         if self.signal is not None and signum == signal.SIGINT:
             raise StopNow(self.interrupted(signum))  # a second Ctrl-C stops at once
         self.signal = signum
@@ -139,8 +159,10 @@ class StopRequest:
         # The request in force now (a command's outer one may have started this watchdog
         # before the run's own took over): its model_dir decides 75 or 76.
         request = current()
-        if request is None or request._loop_took_over or self._loop_took_over:
-            return  # the command ended, or the loop started: it stops at a call boundary
+        if (request is None or request._loop_took_over or self._loop_took_over
+                or request.done or self.done):
+            return  # the command ended, the loop started (it stops at a call boundary), or
+            # the run finished
         atomic.remove_staged()
         e = request.interrupted(signum)
         os.write(2, f"cifar_dist: {e} (forced after {GRACE_SECONDS:.0f} s)\n".encode())
@@ -164,7 +186,15 @@ class StopRequest:
             if outer is not None and self.signal is not None and outer.signal is None:
                 # Not lost on the way out: the command's own request ends it (or its watchdog)
                 outer.signal, outer.model_dir = self.signal, outer.model_dir or self.model_dir
+            if outer is not None and self.done and self.until_exit:
+                # A finished run: the command's own request ignores signals up to the end too
+                # (else leaving it would restore the default handlers, which kill)
+                outer.done = outer.until_exit = True
             for sig, handler in self._previous.items():
+                if self.done and self.until_exit:  # up to the process's end (main.py):
+                    # SIG_IGN, not a Python function: Python's finalization resets those to
+                    # SIG_DFL while TensorFlow is still shutting down (a SIGUSR1 kills then)
+                    handler = signal.SIG_IGN
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
             self._previous = {}
         return False

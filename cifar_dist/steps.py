@@ -9,10 +9,13 @@
                                               forward, loss (scaled), gradients (one flat
                                               vector), one non-finite flag, the update, the stats
           many replicas   grads_step   [XLA]  the same up to the flag, packed into one vector
-                          ctx.all_reduce(SUM, packed)   one collective: gradients + flags
+                                              with BatchNorm's moving statistics / replicas
+                          ctx.all_reduce(SUM, packed)   one collective: gradients, statistics,
+                                              flags
                           apply_step   [XLA]  learning rate (once), optimizer (flat), weight decay,
                                               loss scale (skip agreed: the flag was summed
-                                              over every replica and worker), the stats
+                                              over every replica and worker), the moving
+                                              statistics := their mean, the stats
       return window                               the call's stats, on replica 0's device
 
 The host reads the returned window once per call (`STATS` names its entries). Nothing else
@@ -35,6 +38,7 @@ import tensorflow as tf
 from absl import logging
 
 from cifar_dist import augment as augment_lib
+from cifar_dist import model as model_lib
 from cifar_dist import pipeline
 
 # The per-call stats vector. The first REDUCED entries come from each replica's step and are
@@ -56,8 +60,17 @@ class TrainSteps:
         self.num_classes, self.steps_per_epoch = num_classes, steps_per_epoch
         self.global_step, self.skipped_steps, self.window = global_step, skipped_steps, window
         self.device_data = device_data
+        # BatchNorm's moving statistics are plain per-replica variables in Keras 3 (no
+        # aggregation): each replica updates its own copy from its own batch. With many
+        # replicas every step replaces them by their mean over all replicas and workers, in
+        # the gradients' all-reduce, so they never drift apart: a checkpoint, an evaluation or
+        # an export taken after any step reads the same values on every replica and changes
+        # nothing that training computes next (a stop by signal mid-epoch resumes bitwise).
+        self.moving_statistics = model_lib.batch_norm_statistics(model)
+        self._statistics_size = sum(int(np.prod(v.shape)) for v in self.moving_statistics)
         self.replicas = strategy.num_replicas_in_sync
         self.global_batch = cfg.batch_size
+        self.augmentation = augment_lib.Policy.from_config(cfg)
         self.loss_fn = keras.losses.CategoricalCrossentropy(
             label_smoothing=cfg.label_smoothing, reduction=None)
         jit = cfg.jit_compile
@@ -79,22 +92,25 @@ class TrainSteps:
     # ------------------------------------------------------------------ one replica's step
 
     def _batch(self, inputs, replica):
+        """(images, labels, example ids) of this replica's batch."""
         if self.device_data is None:
             return inputs
         images, labels, order = inputs
         step_in_epoch = self.global_step % self.steps_per_epoch
         ids = pipeline.replica_batch_ids(order, step_in_epoch, replica, self.global_batch,
                                          self.replicas)
-        return tf.gather(images, ids), tf.gather(labels, ids)
+        return tf.gather(images, ids), tf.gather(labels, ids), ids
 
     def _forward_backward(self, inputs, replica, stop):
         """The gradients as one flat vector (Update.flatten; loss-scaled in float16) and
         [loss_sum, correct, count, nonfinite, stop]."""
-        images_u8, labels = self._batch(inputs, replica)
+        images_u8, labels, ids = self._batch(inputs, replica)
+        # Keyed by (run seed, epoch, example id): the same example is augmented the same
+        # whatever the number of replicas and workers.
         seed = tf.stack([tf.constant(self.cfg.seed, tf.int64),
-                         self.global_step * 4096 + tf.cast(replica, tf.int64)])
-        x = (augment_lib.augment_batch(images_u8, seed) if self.cfg.augment
-             else augment_lib.to_unit_float(images_u8))
+                         self.global_step // self.steps_per_epoch])
+        x = (augment_lib.augment_batch(images_u8, seed, self.augmentation, ids)
+             if self.cfg.augment else augment_lib.to_unit_float(images_u8))
         with tf.GradientTape() as tape:
             probs = self.model(x, training=True)
             per_example = self.loss_fn(tf.one_hot(labels, self.num_classes), probs)
@@ -126,13 +142,23 @@ class TrainSteps:
             [summed, [lr, tf.cast(self.skipped_steps, tf.float32)]], 0))
 
     def _grads_step(self, inputs, replica, stop):
-        """The flat gradients and the flags in one vector: one all-reduce, and no packing ops
-        (reshape, concat, split per tensor) left outside XLA."""
+        """The flat gradients, this replica's moving statistics / replicas and the flags in one
+        vector: one all-reduce, and no packing ops (reshape, concat, split per tensor) left
+        outside XLA."""
         grad, flags = self._forward_backward(inputs, replica, stop)
-        return tf.concat([grad, flags], 0)
+        statistics = [tf.reshape(tf.cast(v, grad.dtype), [-1]) / self.replicas
+                      for v in self.moving_statistics]
+        return tf.concat([grad, *statistics, flags], 0)
 
     def _apply_packed(self, packed):
-        self._apply_step(packed[:-REDUCED], packed[-REDUCED:])
+        grad_size = int(packed.shape[0]) - self._statistics_size - REDUCED
+        grad, statistics, totals = tf.split(packed, [grad_size, self._statistics_size, REDUCED])
+        self._apply_step(grad, totals)
+        start = 0
+        for var in self.moving_statistics:  # summed over replicas: their mean
+            size = int(np.prod(var.shape))
+            var.assign(tf.cast(tf.reshape(statistics[start:start + size], var.shape), var.dtype))
+            start += size
 
     def _fused_step(self, inputs, replica, stop):
         grad, flags = self._forward_backward(inputs, replica, stop)
@@ -160,8 +186,8 @@ class TrainSteps:
     def _loop_on_iterator(self, iterator, num_steps, stop):
         self.window.assign(tf.zeros([len(STATS)]))
         for _ in tf.range(num_steps):
-            images, labels, _ = next(iterator)
-            self.strategy.run(self._replica_step, args=((images, labels), stop))
+            batch = next(iterator)  # images, labels, example ids
+            self.strategy.run(self._replica_step, args=(batch, stop))
         return self.window.read_value()
 
     def run(self, inputs, num_steps: int, stop: bool):
@@ -173,8 +199,8 @@ class TrainSteps:
 
 
 class EvalSteps:
-    """Evaluation on every replica, with BatchNorm statistics averaged first and, with
-    --ema_decay, the averaged weights swapped in."""
+    """Evaluation on every replica (whose BatchNorm statistics agree after every step) with,
+    under --ema_decay, the averaged weights swapped in."""
 
     def __init__(self, cfg, strategy, model, update, num_classes: int):
         self.strategy, self.model, self.num_classes = strategy, model, num_classes
@@ -182,13 +208,6 @@ class EvalSteps:
         self.compiled_eval = tf.function(self._eval, jit_compile=cfg.jit_compile)
         self.eval_step = tf.function(self._eval_step)
         self.weights_finite = tf.function(self._weights_finite)
-        # BatchNorm moving statistics are plain per-replica variables in Keras 3 (no
-        # aggregation), so every replica and worker drifts to its own. Before anything reads
-        # them (evaluation, checkpoint, export) they are averaged over all replicas and the
-        # mean is written back to every copy: checkpoints and workers agree bitwise.
-        self._stats_vars = [getattr(v, "value", v) for v in model.non_trainable_variables]
-        self.sync_moving_stats = (tf.function(self._sync_moving_stats)
-                                  if strategy.num_replicas_in_sync > 1 else (lambda: None))
         if update.averages:
             # Per replica (each swaps its own copies), nested like the update's functions.
             swap = tf.function(lambda: update.swap_averages(model.trainable_variables))
@@ -245,14 +264,3 @@ class EvalSteps:
     def _weights_finite(self):
         return tf.reduce_all([tf.reduce_all(tf.math.is_finite(v))
                               for v in self.model.trainable_variables])
-
-    def _sync_moving_stats(self):
-        stats_vars = self._stats_vars
-
-        def mean_of_replicas():
-            ctx = tf.distribute.get_replica_context()
-            return ctx.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v) for v in stats_vars])
-
-        means = self.strategy.run(mean_of_replicas)
-        for var, mean in zip(stats_vars, means):
-            self.strategy.extended.update(var, lambda v, m: v.assign(m), args=(mean,), group=False)

@@ -23,11 +23,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from cifar_dist import pipeline, preflight
+from cifar_dist import pipeline, preflight, whitening
 from cifar_dist import steps as steps_lib
 from cifar_dist.checkpoints import RunCheckpoints
 from cifar_dist.errors import ConfigError, Preempted, TrainingDiverged
-from cifar_dist.model import build_model, train_flops_per_image, trainable_param_count
+from cifar_dist.model import (Architecture, build_model, first_conv, first_layer_normalization,
+                              initialize, train_flops_per_image, trainable_param_count)
 from cifar_dist.optimizer import make_update
 from cifar_dist.progress import ProfilerWindow, Progress, Throughput
 from cifar_dist.run_dir import RunDir
@@ -89,7 +90,13 @@ def call_end(step: int, *, total_steps: int, steps_per_epoch: int, steps_per_loo
 # checkpoints beside them. Not among them: how the run is executed (strategy, devices,
 # steps per call, data path, XLA, logging, checkpoint cadence), which a resume may change.
 SHAPING_FLAGS = ("dataset", "validation_size", "train_subset", "synthetic_train_size",
-                 "augment", "model", "batch_size", "train_epochs", "train_steps", "optimizer",
+                 "augment", "rotation_degrees", "shift_fraction", "translate_pixels", "flip",
+                 "model", "bn_momentum", "bn_scale", "dirac_init", "whiten_init",
+                 "whiten_bias_epochs", "weight_decay_mode", "norm_lr_multiplier",
+                 "norm_weight_decay_multiplier", "bias_lr_multiplier",
+                 "bias_weight_decay_multiplier", "initial_lr_fraction", "final_lr_fraction",
+                 "lookahead_steps", "lookahead_decay", "batch_size", "train_epochs",
+                 "train_steps", "optimizer",
                  "learning_rate", "momentum", "nesterov", "schedule", "warmup_fraction",
                  "weight_decay", "label_smoothing", "ema_decay", "lr_scaling",
                  "base_batch_size", "seed", "dtype", "loss_scale", "sync_batch_norm")
@@ -121,10 +128,13 @@ class Trainer:
         if cfg.deterministic:
             tf.config.experimental.enable_op_determinism()
         keras.utils.set_random_seed(cfg.seed)
+        self.arch = arch = Architecture.of(cfg.model, cfg.to_dict())
         with strategy.scope():
             self.model = build_model(cfg.model, bundle.num_classes, cfg.dtype_policy,
-                                     cfg.sync_batch_norm)
-            self.update = make_update(cfg, self.total_steps, self.model.trainable_variables)
+                                     cfg.sync_batch_norm, arch)
+            initialize(self.model, arch, self.whitening(arch))
+            self.update = make_update(cfg, self.total_steps, self.model.trainable_variables,
+                                      self.train_until(arch))
             self.global_step = tf.Variable(0, dtype=tf.int64, trainable=False, name="global_step")
             self.skipped_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
                                              name="skipped_steps")
@@ -149,6 +159,27 @@ class Trainer:
                                 global_step=self.global_step, skipped_steps=self.skipped_steps),
             self.run_dir, cluster, self.eval_steps, self.global_step, cfg.keep_checkpoints)
         self.finished_record = None  # a finished run's metrics.json, when rerun unchanged
+
+    def whitening(self, arch):
+        """The first convolution's whitening filters (--whiten_init), from the training split
+        and the run's seed: the same on every worker (a resume restores them anyway)."""
+        if arch.whiten_init == "none":
+            return None
+        mean, std = first_layer_normalization(self.cfg.model)
+        size = first_conv(self.model).kernel_size[0]
+        return whitening.whitening_filters(self.bundle.train.images, size, seed=self.cfg.seed,
+                                           mean=mean, std=std)
+
+    def train_until(self, arch):
+        """Per trainable variable, the step from which it stays as it is: the first
+        convolution's bias after --whiten_bias_epochs (with whitening), else None."""
+        until = [None] * len(self.model.trainable_variables)
+        if arch.whiten_init != "none" and self.cfg.whiten_bias_epochs:
+            bias = first_conv(self.model).bias
+            for i, var in enumerate(self.model.trainable_variables):
+                if var.path == bias.path:
+                    until[i] = self.cfg.whiten_bias_epochs * self.steps_per_epoch
+        return until
 
     # ------------------------------------------------------------------ data
 
@@ -245,15 +276,8 @@ class Trainer:
                 # at this boundary even when the signal came during the call (read it again:
                 # stop_asked is from before the call, and waiting for it costs a whole call).
                 asked = self.stop.signal is not None
-                if window[STOP] > 0 or (asked and self.cluster.num_workers == 1):
-                    self.checkpoints.save()
-                    progress.close()
-                    source = (signal.Signals(self.stop.signal).name if asked
-                              else "a signal to another worker")
-                    raise Preempted(f"stopped by {source} at step {step}; checkpoint saved "
-                                    f"in {self.run_dir.checkpoints}: rerun the same command "
-                                    "to resume")
-                if epoch_end:
+                stopping = window[STOP] > 0 or (asked and self.cluster.num_workers == 1)
+                if epoch_end:  # before a stop too, so history.csv keeps every epoch
                     epoch = math.ceil(step / self.steps_per_epoch)
                     row = self._end_epoch(epoch, step, epoch_stats, clock.epoch_rate(),
                                           clock.train_seconds)
@@ -262,8 +286,15 @@ class Trainer:
                         history = [h for h in history if h["epoch"] < epoch] + [row]
                         self.run_dir.write_history(history)
                     self.checkpoints.save()
-                elif cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0:
+                elif stopping or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0):
                     self.checkpoints.save()
+                if stopping:
+                    progress.close()
+                    source = (signal.Signals(self.stop.signal).name if asked
+                              else "a signal to another worker")
+                    raise Preempted(f"stopped by {source} at step {step}; checkpoint saved "
+                                    f"in {self.run_dir.checkpoints}: rerun the same command "
+                                    "to resume")
                 clock.start()
         progress.close()
         return self._finish(start_step, clock, history)
@@ -278,7 +309,6 @@ class Trainer:
         tf.summary.scalar("train/learning_rate", lr, step)
 
     def _end_epoch(self, epoch, step, stats, images_per_second, train_seconds):
-        self.eval_steps.sync_moving_stats()
         row = {"epoch": epoch, "step": step,
                "train_loss": stats[LOSS_SUM] / max(stats[COUNT], 1),
                "train_accuracy": stats[CORRECT] / max(stats[COUNT], 1),
@@ -299,7 +329,6 @@ class Trainer:
         return row
 
     def _finish(self, start_step, clock, history) -> dict:
-        self.eval_steps.sync_moving_stats()
         with self.eval_steps.averaged_weights():
             test = self.eval_steps.evaluate(self.bundle.test)
             val = (self.eval_steps.evaluate(self.bundle.validation)

@@ -37,8 +37,12 @@
 # so the tasks would be killed at the time limit without a checkpoint.
 # When the scheduler pre-empts the job (PreemptMode=REQUEUE) the tasks get SIGTERM, save
 # and exit 75 the same way, and SLURM requeues the job itself.
-# --requeue also lets SLURM restart the job after a node failure; the run resumes from
-# the newest checkpoint. model_dir must be on a filesystem every node sees.
+# A lost node (a crashed or unreachable node, a task killed by the OOM killer): the other
+# tasks exit 3 ("lost contact with another worker") and this script requeues the job as
+# after a stop (exit 3, or a task killed by a signal: srun exits 128+N), so it resumes from
+# the newest checkpoint. --requeue also lets SLURM itself restart a job whose node failed.
+# A job that still ends failed prints its model_dir and the command that resumes it.
+# model_dir must be on a filesystem every node sees.
 #
 #SBATCH --job-name=cifar_dist
 #SBATCH --nodes=2
@@ -56,8 +60,9 @@
 set -uo pipefail
 
 # The exit statuses are defined once, in cifar_dist/errors.py (its table and EXIT_*
-# constants); a shell script cannot import them, so these two repeat EXIT_STOPPED and
-# EXIT_STOPPED_EARLY (2 bad input, 3 peer lost, 4 diverged are named in messages below).
+# constants); a shell script cannot import them, so these repeat EXIT_PEER_LOST,
+# EXIT_STOPPED and EXIT_STOPPED_EARLY (2 bad input and 4 diverged are named in messages).
+PEER_LOST=3  # another worker died or stalled: restart every task, they resume
 STOPPED=75  # stopped by a signal after saving a checkpoint: requeue to resume
 STOPPED_EARLY=76  # stopped by a signal before any checkpoint existed
 
@@ -95,20 +100,65 @@ echo "slurm/train.sh: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $
 # finishing the (collective) checkpoint; killing them then could lose it. A crashed task
 # is noticed by its peers instead (connection reset, or --collective_timeout), so the step
 # still ends. --label prefixes every output line with the task number.
+MODEL_DIR="$PWD/runs/slurm-$SLURM_JOB_ID"
 srun --kill-on-bad-exit=0 --label "$PYTHON" -m cifar_dist.main \
-    --strategy=multi_worker --cluster=slurm --model_dir="$PWD/runs/slurm-$SLURM_JOB_ID" "$@"
+    --strategy=multi_worker --cluster=slurm --model_dir="$MODEL_DIR" "$@"
 rc=$?
 
+# The model_dir the run used: ours, unless a --model_dir in the flags (or in a flagfile
+# named there) came later and won, as it does for absl.
+flag_value() {  # flag_value NAME ARGS...: the last --NAME=V / --NAME V among ARGS
+    local name=$1 value="" prev=""; shift
+    for arg in "$@"; do
+        case "$arg" in --"$name"=*) value=${arg#--"$name"=} ;; esac
+        [ "$prev" = "--$name" ] && value=$arg
+        prev=$arg
+    done
+    printf '%s' "$value"
+}
+used_dir=$MODEL_DIR
+flagfile=$(flag_value flagfile "$@")
+if [ -n "$flagfile" ] && [ -f "$flagfile" ]; then
+    in_file=$(sed -n 's/^[[:space:]]*--model_dir=//p' "$flagfile" | tail -n1)
+    [ -n "$in_file" ] && used_dir=$in_file
+fi
+in_args=$(flag_value model_dir "$@")
+[ -n "$in_args" ] && used_dir=$in_args
+case "$used_dir" in /*) ;; *) used_dir="$PWD/$used_dir" ;; esac
+
+resume_hint() {  # what to type to resume this job in a new one (a new job id)
+    local cmd="cd $(printf '%q' "$PWD") && sbatch slurm/train.sh"
+    for arg in "$@"; do cmd+=" $(printf '%q' "$arg")"; done
+    echo "slurm/train.sh: the checkpoints are in $used_dir; to resume there, submit:" >&2
+    echo "slurm/train.sh:   $cmd --model_dir=$(printf '%q' "$used_dir")" >&2
+}
+
+# Requeue (the job keeps its id and model_dir, and resumes) after a stop by a signal (75,
+# 76), and after a lost task (3 from the survivors, or srun's 128+N when a task was killed
+# by signal N: the OOM killer, a crashed node), at most CIFAR_DIST_MAX_REQUEUES times.
+why=""
 if [ "$rc" -eq "$STOPPED" ] || [ "$rc" -eq "$STOPPED_EARLY" ]; then
+    why="stopped by a signal (exit $rc)"
+elif [ "$rc" -eq "$PEER_LOST" ]; then
+    why="a task lost contact with another (exit $rc: a node crashed or was cut off)"
+elif [ "$rc" -gt 128 ]; then
+    why="a task was killed by signal $((rc - 128)) (exit $rc: the OOM killer, a crashed node)"
+fi
+if [ -n "$why" ]; then
     restarts=${SLURM_RESTART_COUNT:-0}
     if [ "$restarts" -ge "${CIFAR_DIST_MAX_REQUEUES:-20}" ]; then
-        echo "slurm/train.sh: stopped by a signal (exit $rc) but already requeued $restarts times: not requeueing" >&2
+        echo "slurm/train.sh: $why but already requeued $restarts times (CIFAR_DIST_MAX_REQUEUES): not requeueing" >&2
+        resume_hint "$@"
     else
-        echo "slurm/train.sh: stopped by a signal (exit $rc): requeueing job $SLURM_JOB_ID to resume"
-        scontrol requeue "$SLURM_JOB_ID" || echo "slurm/train.sh: scontrol requeue failed: resubmit the same command to resume" >&2
+        echo "slurm/train.sh: $why: requeueing job $SLURM_JOB_ID to resume"
+        if ! scontrol requeue "$SLURM_JOB_ID"; then
+            echo "slurm/train.sh: scontrol requeue failed" >&2
+            resume_hint "$@"
+        fi
     fi
 elif [ "$rc" -ne 0 ]; then
     echo "slurm/train.sh: training failed with exit status $rc (2 bad input, 3 a worker lost or never started, 4 diverged; see the task lines above)" >&2
+    [ "$rc" -ne 2 ] && resume_hint "$@"
 else
     echo "slurm/train.sh: done $(date -u +%FT%TZ)"
 fi

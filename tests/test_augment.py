@@ -25,8 +25,8 @@ def sample(x_u8, angle=0.0, sx=0.0, sy=0.0, flip=0.0):
 
 def test_zero_magnitudes_are_the_identity():
     x = images()
-    out = augment.augment_batch(x, tf.constant([1, 2], tf.int64), rotation_degrees=0.0,
-                                shift_fraction=0.0, flip_probability=0.0).numpy()
+    out = augment.augment_batch(x, tf.constant([1, 2], tf.int64),
+                                augment.Policy(0.0, 0.0, 0, "none")).numpy()
     np.testing.assert_array_equal(out, x.astype(np.float32) / 255.0)
 
 
@@ -112,3 +112,92 @@ def test_compiles_under_xla():
     np.testing.assert_allclose(out, augment.augment_batch(x, seed).numpy(), atol=1e-5)
     hlo = fn.experimental_get_compiler_ir(x, seed)(stage="hlo")
     assert "gather" in hlo
+
+
+FAST = augment.Policy(rotation_degrees=0.0, shift_fraction=0.0, translate_pixels=2,
+                      flip="alternating")
+
+
+def test_translation_is_numpys_reflect_pad_and_crop():
+    x = images(3)
+    for sx, sy, flip in [(2, -1, 0), (-2, 2, 1), (0, 0, 1), (1, 0, 0)]:
+        n = len(x)
+        got = augment.translate_sample(x, tf.fill([n], float(sx)), tf.fill([n], float(sy)),
+                                       tf.fill([n], float(flip))).numpy()
+        padded = np.pad(x, [(0, 0), (2, 2), (2, 2), (0, 0)], mode="reflect")
+        want = padded[:, 2 - sy:34 - sy, 2 - sx:34 - sx]  # content moves right/down
+        want = want[:, :, ::-1] if flip else want
+        np.testing.assert_array_equal(got, want)
+
+
+def test_translation_offsets_cover_minus_n_to_n_evenly():
+    _, sx, sy, _ = [t.numpy() for t in augment.sample_params(
+        tf.constant([3, 1], tf.int64), 25000, 32, 32, FAST)]
+    for shifts in (sx, sy):
+        values, counts = np.unique(shifts, return_counts=True)
+        assert list(values) == [-2, -1, 0, 1, 2]
+        assert counts.min() > 0.18 * len(shifts) and counts.max() < 0.22 * len(shifts)
+
+
+def test_alternating_flip_mirrors_each_example_in_every_other_epoch():
+    ids = tf.range(2000)
+    flips = [augment.flip_of(FAST, tf.constant([0, epoch], tf.int64), ids,
+                             tf.zeros([2000])).numpy() for epoch in range(4)]
+    np.testing.assert_array_equal(flips[0] + flips[1], np.ones(2000))
+    np.testing.assert_array_equal(flips[0], flips[2])
+    np.testing.assert_array_equal(flips[1], flips[3])
+    assert 0.45 < flips[0].mean() < 0.55  # a random phase per example
+    other_seed = augment.flip_of(FAST, tf.constant([1, 0], tf.int64), ids, tf.zeros([2000]))
+    assert np.mean(other_seed.numpy() != flips[0]) > 0.4
+
+
+@pytest.mark.parametrize("policy", [augment.Policy(), FAST])
+def test_an_example_is_augmented_by_its_id_not_its_place_in_the_batch(policy):
+    """Keyed by (run seed, epoch, example id): the same example gets the same augmentation
+    in any batch, so 1 replica and N replicas (or workers) augment alike."""
+    x = images(8)
+    ids = tf.constant([5, 17, 2, 40, 41, 3, 9, 100])
+    seed = tf.constant([0, 3], tf.int64)
+    whole = augment.augment_batch(x, seed, policy, ids).numpy()
+    perm = np.array([3, 0, 7, 1, 6, 2, 5, 4])
+    halves = [augment.augment_batch(x[perm[k:k + 4]], seed, policy,
+                                    tf.gather(ids, perm[k:k + 4])).numpy() for k in (0, 4)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole[perm])
+    next_epoch = augment.augment_batch(x, tf.constant([0, 4], tf.int64), policy, ids).numpy()
+    assert np.abs(next_epoch - whole).max() > 0.1
+
+
+def test_fast_policy_compiles_under_xla_and_matches_eager():
+    x = tf.constant(images(8))
+    ids, seed = tf.range(8) * 7, tf.constant([3, 4], tf.int64)
+    fn = tf.function(lambda x, seed, ids: augment.augment_batch(x, seed, FAST, ids),
+                     jit_compile=True)
+    # the same pixels (x / 255 may differ by an ulp under XLA)
+    np.testing.assert_allclose(fn(x, seed, ids).numpy(),
+                               augment.augment_batch(x, seed, FAST, ids).numpy(), atol=1e-7)
+
+
+def test_tta_views_are_airbench_six_with_their_weights():
+    """flip_translate = softmax of the weighted mean of the views' log-probabilities (1/4 the
+    image and its mirror, 1/8 each of the four moved views): what averaging logits gives."""
+    x = images(2)
+    logits_of = {}
+
+    def fn(batch):
+        batch = np.asarray(batch)
+        logits = np.stack([batch[:, :, :, 0].mean((1, 2)), batch[:, :, :16, 1].mean((1, 2)),
+                           batch[:, 5, :, 2].mean(1)], axis=1).astype(np.float32) / 50.0
+        logits_of[batch.tobytes()] = logits
+        return tf.nn.softmax(logits)
+
+    got = augment.tta_probabilities(fn, x, "flip_translate").numpy()
+    padded = np.pad(x, [(0, 0), (1, 1), (1, 1), (0, 0)], mode="reflect")
+    views = [(0.25, x), (0.25, x[:, :, ::-1])]
+    for moved in (padded[:, :32, :32], padded[:, 2:, 2:]):
+        views += [(0.125, moved), (0.125, moved[:, :, ::-1])]
+    logits = sum(w * logits_of[np.ascontiguousarray(v).tobytes()] for w, v in views)
+    np.testing.assert_allclose(got, tf.nn.softmax(logits).numpy(), rtol=1e-5)
+    flip = augment.tta_probabilities(fn, x, "flip").numpy()
+    assert np.abs(flip - got).max() > 1e-4
+    np.testing.assert_allclose(augment.tta_probabilities(fn, x, "none").numpy(),
+                               tf.nn.softmax(logits_of[x.tobytes()]).numpy(), rtol=1e-6)

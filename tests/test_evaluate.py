@@ -66,7 +66,7 @@ def test_report_and_predictions_agree_with_metrics(evaluation, test_split):
     assert len(accuracy_rows) == 1, report  # scikit-learn's "accuracy  0.xxxx  n" row
     assert float(accuracy_rows[0][1]) == pytest.approx(round(metrics["accuracy"], 4))
     assert int(accuracy_rows[0][2]) == metrics["examples"]
-    assert "flip TTA: accuracy" in report
+    assert "TTA (flip): accuracy" in report  # the run's views: the default, flip
 
     rows = read_csv(out / "predictions.csv")
     assert [int(r["index"]) for r in rows] == list(range(len(test_split)))
@@ -86,7 +86,7 @@ def test_report_and_predictions_agree_with_metrics(evaluation, test_split):
         assert metrics["per_class"][name]["recall"] == pytest.approx(recall)
 
 
-def test_tta_is_the_mean_of_image_and_mirror(evaluation, trained_run, test_split):
+def test_tta_averages_the_logits_of_image_and_mirror(evaluation, trained_run, test_split):
     import keras
 
     metrics, _ = evaluation
@@ -97,8 +97,12 @@ def test_tta_is_the_mean_of_image_and_mirror(evaluation, trained_run, test_split
     labels = test_split.labels
     assert np.mean(plain.argmax(1) == labels) == pytest.approx(metrics["accuracy"])
     tta = metrics["tta"]
-    assert tta["accuracy"] == pytest.approx(np.mean(((plain + mirrored) / 2).argmax(1) == labels))
-    p_true = ((plain + mirrored) / 2)[np.arange(len(labels)), labels]
+    assert tta["views"] == "flip"  # the run's default --tta_views, recorded in export/tta.json
+    # the two views' logits averaged: the softmax of their mean log-probability
+    log_mean = 0.5 * (np.log(plain) + np.log(mirrored))
+    combined = np.exp(log_mean) / np.exp(log_mean).sum(1, keepdims=True)
+    assert tta["accuracy"] == pytest.approx(np.mean(combined.argmax(1) == labels))
+    p_true = combined[np.arange(len(labels)), labels]
     assert tta["loss"] == pytest.approx(-np.mean(np.log(p_true)), abs=1e-4)
 
 

@@ -110,7 +110,7 @@ def test_export_command_reexports_the_latest_checkpoint(trained_run, images, tmp
     assert export.main(["export", f"--model_dir={run}"]) == 0
     assert f"exported {run / 'export'}" in capsys.readouterr().out
     assert sorted(p.name for p in (run / "export").iterdir()) == \
-        ["class_names.json", "model.keras", "saved_model"]
+        ["class_names.json", "model.keras", "saved_model", "tta.json"]
     # The newest checkpoint holds the final weights: the same model as the training export.
     original = export.load_exported(str(trained_run / "export")).probabilities(images)
     again = export.load_exported(str(run / "export")).probabilities(images)

@@ -119,5 +119,103 @@ def test_weight_decay_exclusions_are_keras_choice():
                             weight_decay=0.1)
     reference = keras_reference("adamw", 0.1, 0.1)
     reference.build(variables)
-    assert update.decayed == [reference._use_weight_decay(v) for v in variables]
-    assert update.decayed == [True, False, False, False, True]
+    decayed = [m != 0 for m in update.decay_multipliers]
+    assert decayed == [reference._use_weight_decay(v) for v in variables]
+    assert decayed == [True, False, False, False, True]
+
+
+GROUPS = opt_lib.GroupSettings(norm_lr=64.0, norm_decay=0.5, bias_lr=4.0, bias_decay=0.25)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_group_multipliers_match_one_keras_optimizer_per_group(name):
+    """Per-group rates and decay: kernels, biases and BatchNorm each match a Keras optimizer
+    whose rate is multiplied by the group's (its decoupled decay, which Keras scales by that
+    rate, divided by it again: ours decays by the base rate x the group's decay)."""
+    schedule = opt_lib.LearningRateSchedule(0.01, STEPS, 4, "onecycle")
+    ours_vars, keras_vars = make_variables(), make_variables()
+    update = opt_lib.Update(name, schedule, ours_vars, weight_decay=0.1, groups=GROUPS)
+    groups = [opt_lib.variable_group(v) for v in ours_vars]
+    assert groups == ["kernel", "bias", "norm", "norm", "kernel"]
+    references = {}
+    for group in ("kernel", "bias", "norm"):
+        lr_mult, decay = GROUPS.lr(group), GROUPS.decay(group)
+        rate = opt_lib.LearningRateSchedule(0.01 * lr_mult, STEPS, 4, "onecycle")
+        wd = 0.1 * decay / lr_mult
+        references[group] = (keras.optimizers.SGD(rate, momentum=0.9, nesterov=True,
+                                                  weight_decay=wd) if name == "sgd"
+                             else keras.optimizers.AdamW(rate, weight_decay=wd))
+    step = tf.function(lambda grads: update.apply(update.flatten(grads), ours_vars),
+                       jit_compile=True)
+    for i in range(STEPS):
+        grads = gradients(i)
+        step(grads)
+        for group, reference in references.items():
+            reference.apply_gradients([(g, v) for g, v, k in zip(grads, keras_vars, groups)
+                                       if k == group])
+    for ours, theirs in zip(ours_vars, keras_vars):
+        assert relative_difference(ours.numpy(), theirs.numpy()) <= 1e-5, ours.name
+    # The check can fail: without the multipliers the BatchNorm weights end elsewhere.
+    plain_vars = make_variables()
+    plain = opt_lib.Update(name, schedule, plain_vars, weight_decay=0.1)
+    for i in range(STEPS):
+        plain.apply(plain.flatten(gradients(i)), plain_vars)
+    assert relative_difference(plain_vars[2].numpy(), keras_vars[2].numpy()) > 1e-3
+
+
+def test_coupled_decay_is_pytorch_sgd():
+    """--weight_decay_mode=coupled: torch.optim.SGD(nesterov=True, weight_decay=wd) per group,
+    written out in numpy (d = g + wd p; buf = mu buf + d; p -= lr (d + mu buf)); at a constant
+    rate Keras' momentum convention (rate inside the buffer) is the same update."""
+    lr, mu, wd = 0.05, 0.85, 0.01
+    variables = make_variables()
+    update = opt_lib.Update("sgd", opt_lib.LearningRateSchedule(lr, STEPS, 0, "constant"),
+                            variables, weight_decay=wd, momentum=mu, groups=GROUPS,
+                            coupled_decay=True)
+    params = [v.numpy().astype(np.float64) for v in make_variables()]
+    buffers = [np.zeros_like(p) for p in params]
+    groups = [opt_lib.variable_group(v) for v in variables]
+    for i in range(STEPS):
+        update.apply(update.flatten(gradients(i)), variables)
+        for k, g in enumerate(gradients(i)):
+            d = g.numpy() + wd * GROUPS.decay(groups[k]) * params[k]
+            buffers[k] = mu * buffers[k] + d
+            params[k] = params[k] - lr * GROUPS.lr(groups[k]) * (d + mu * buffers[k])
+    for ours, want in zip(variables, params):
+        assert relative_difference(ours.numpy(), want) <= 1e-5, ours.name
+    decoupled_vars = make_variables()
+    decoupled = opt_lib.Update("sgd", opt_lib.LearningRateSchedule(lr, STEPS, 0, "constant"),
+                               decoupled_vars, weight_decay=wd, momentum=mu, groups=GROUPS)
+    for i in range(STEPS):
+        decoupled.apply(decoupled.flatten(gradients(i)), decoupled_vars)
+    assert relative_difference(decoupled_vars[0].numpy(), params[0]) > 1e-5
+
+
+def test_lookahead_and_freezing_follow_their_definitions():
+    """Plain SGD at a constant rate, lookahead every 5 of 20 steps (decay 0.8 (t/T)^3, the
+    last step takes the average), and the bias frozen from step 7 on, against numpy."""
+    lr, total, every = 0.1, 20, 5
+    variables = make_variables()
+    update = opt_lib.Update("sgd", opt_lib.LearningRateSchedule(lr, total, 0, "constant"),
+                            variables, momentum=0.0, lookahead_steps=every,
+                            lookahead_decay=0.8, total_steps=total,
+                            train_until=[None, 7, None, None, None])
+    step = tf.function(lambda grads: update.apply(update.flatten(grads), variables),
+                       jit_compile=True)
+    params = [v.numpy().astype(np.float64) for v in make_variables()]
+    slow = [p.copy() for p in params]
+    for i in range(total):
+        step(gradients(i))
+        for k, g in enumerate(gradients(i)):
+            if not (k == 1 and i >= 7):
+                params[k] = params[k] - lr * g.numpy()
+        t = i + 1
+        if t % every == 0 or t == total:
+            decay = 1.0 if t == total else 0.8 * (t / total) ** 3
+            for k in range(len(params)):
+                slow[k] = decay * slow[k] + (1 - decay) * params[k]
+                params[k] = slow[k].copy()
+    for ours, want in zip(variables, params):
+        assert relative_difference(ours.numpy(), want) <= 1e-5, ours.name
+    assert int(update.iterations.numpy()) == total
+

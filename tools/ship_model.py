@@ -25,7 +25,7 @@ sys.path.insert(0, REPO)
 from cifar_dist import atomic, data, export  # noqa: E402
 from cifar_dist.errors import UserError  # noqa: E402
 from cifar_dist.predict import SHIPPED_MODEL, SHIPPED_RECORD  # noqa: E402
-from cifar_dist.run_dir import CLASS_NAMES_FILE, KERAS_FILE, METRICS, RunDir  # noqa: E402
+from cifar_dist.run_dir import CLASS_NAMES_FILE, TTA_FILE, KERAS_FILE, METRICS, RunDir  # noqa: E402
 
 # What the record copies from the run's metrics.json (a finished run always has them).
 RUN_FIGURES = ("epochs", "pflops_per_run", "images_per_second", "train_seconds", "wall_seconds")
@@ -62,13 +62,15 @@ def build_record(args) -> tuple[str, str, dict]:
 
     model = export.load_exported(model_file)
     test = data.load_local_cifar10(found).test.take(args.test_images)
-    flipped = model.probabilities(test.images, 500, tta=True).argmax(1)
+    # the export's recorded test-time views (tta.json), as predict applies them
+    augmented = model.probabilities(test.images, 500, tta=True).argmax(1)
     record = {
         "file": os.path.basename(SHIPPED_MODEL),
         "sha256": sha256(model_file),
         "test_images": len(test),
         "test_accuracy": accuracy(model, test),
-        "test_accuracy_flip_tta": float((flipped == test.labels).mean()),
+        "tta_views": model.tta_views,
+        "test_accuracy_tta": float((augmented == test.labels).mean()),
         "epochs": run["epochs"],
         "validation_accuracy": run.get("validation_accuracy"),
         "pflops_per_run": run["pflops_per_run"],
@@ -90,9 +92,12 @@ def install(model_file: str, names_file: str, record: dict) -> None:
     os.makedirs(assets, exist_ok=True)
     with atomic.staged(SHIPPED_RECORD) as record_tmp, \
             atomic.staged(SHIPPED_MODEL) as model_tmp, \
-            atomic.staged(os.path.join(assets, CLASS_NAMES_FILE)) as names_tmp:
+            atomic.staged(os.path.join(assets, CLASS_NAMES_FILE)) as names_tmp, \
+            atomic.staged(os.path.join(assets, TTA_FILE)) as tta_tmp:
         shutil.copyfile(model_file, model_tmp)
         shutil.copyfile(names_file, names_tmp)
+        with open(tta_tmp, "w") as f:  # the views predict applies to the shipped model
+            json.dump({"views": record["tta_views"]}, f)
         with open(record_tmp, "w") as f:
             json.dump(record, f, indent=1)
             f.write("\n")
