@@ -14,7 +14,7 @@ import time
 
 from absl import flags, logging
 
-from cifar_dist.errors import ConfigError
+from cifar_dist.errors import ConfigError, printable
 
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker")
 DATASETS = ("cifar10", "sample", "folder", "synthetic")
@@ -237,6 +237,13 @@ def validate(cfg: Config) -> None:
     if cfg.dataset == "folder" and not cfg.data_dir:
         raise ConfigError("--dataset=folder needs --data_dir (e.g. --data_dir=/path/to/photos, "
                           "one subfolder per class)")
+    if cfg.data_dir and cfg.dataset in ("sample", "synthetic"):
+        # Not dropped in silence: `--flagfile=configs/smoke.cfg --data_dir=/my/cifar` would
+        # train on the shipped sample and never read /my/cifar.
+        what = "the sample shipped with cifar_dist" if cfg.dataset == "sample" else "random images"
+        raise ConfigError(f"--data_dir={printable(cfg.data_dir)} is not read with "
+                          f"--dataset={cfg.dataset} ({what}): add --dataset=cifar10 (or folder) "
+                          "after the flagfile to train on it, or drop --data_dir")
     if cfg.deterministic and cfg.jit_compile:
         raise ConfigError("--deterministic needs --jit_compile=false: XLA in TF 2.21 has no "
                           "deterministic MaxPool gradient (XLA on CPU is already run-to-run "

@@ -21,6 +21,7 @@ so could run code) is rejected. Every problem is a DataError with one clear line
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import os
 import pickle
@@ -55,6 +56,13 @@ class Split:
 
     def take(self, n: int) -> "Split":
         return Split(self.images[:n], self.labels[:n]) if n else self
+
+    def fingerprint(self) -> str:
+        """sha256 of the images and labels as trained on (order included): what a resume
+        must find again, wherever the files have moved (about 0.5 s for 50,000 images)."""
+        digest = hashlib.sha256(np.ascontiguousarray(self.images, np.uint8).tobytes())
+        digest.update(np.ascontiguousarray(self.labels, np.int32).tobytes())
+        return digest.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)

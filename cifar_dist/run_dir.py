@@ -34,6 +34,10 @@ LOCK = ".lock"
 KERAS_FILE, SAVED_MODEL_DIR, CLASS_NAMES_FILE = "model.keras", "saved_model", "class_names.json"
 TTA_FILE = "tta.json"  # the export's test-time views ({"views": ...}), what predict applies
 CHECKPOINT_STATE = "checkpoint"  # tf.train.CheckpointManager's state file in checkpoints/
+# The running totals of the epoch in progress at each kept checkpoint ({step: totals}), so a
+# resume mid-epoch reports the whole epoch in history.csv (train.py)
+EPOCH_TOTALS = "epoch_totals.json"
+TRAIN_DATA = "train_data_sha256"  # config.json: the training split's fingerprint
 INT_COLUMNS = ("epoch", "step", "skipped_steps")
 HISTORY_NUMBERS = ("epoch", "step")  # what every row needs (the curves' x axis)
 MAX_HISTORY_BYTES = 16 * 2**20  # one short row per epoch: far fewer in any real run
@@ -97,9 +101,15 @@ class RunDir:
             return
         differ = [f"{k}: checkpoint {saved.get(k)!r} vs now {v!r}" for k, v in shaping.items()
                   if k in saved and saved[k] != v]
+        if TRAIN_DATA in shaping and saved.get(TRAIN_DATA, shaping[TRAIN_DATA]) != shaping[TRAIN_DATA]:
+            # A path may move between machines; the data may not: compared by content.
+            differ = [d for d in differ if not d.startswith(TRAIN_DATA)] + [
+                "the training data: not the images and labels it trained on (sha256 of the "
+                f"training split {saved[TRAIN_DATA][:12]}... then, {shaping[TRAIN_DATA][:12]}... "
+                "now)"]
         if differ:
             flags = " ".join(f"--{k}={saved[k]}" for k, v in shaping.items()
-                             if k in saved and saved[k] != v and k != "num_classes")
+                             if k in saved and saved[k] != v and k not in ("num_classes", TRAIN_DATA))
             raise CheckpointError(f"{self.path} holds a run with other settings "
                                   f"({'; '.join(differ)}): rerun with the run's own settings"
                                   f"{' (' + flags + ')' if flags else ''} or use another "
@@ -151,6 +161,32 @@ class RunDir:
         atomic.write_json(self.join(METRICS), metrics)
 
     # ------------------------------------------------------------------ checkpoints
+
+    def read_epoch_totals(self, step: int) -> list | None:
+        """The running totals of the epoch in progress at checkpoint `step`, or None."""
+        path = os.path.join(self.checkpoints, EPOCH_TOTALS)
+        try:
+            with open(path) as f:
+                totals = json.load(f).get(str(step))
+        except (OSError, ValueError, AttributeError):
+            return None  # absent (a run from before it) or damaged: the epoch row is partial
+        if not (isinstance(totals, list) and all(isinstance(t, (int, float)) for t in totals)):
+            return None
+        return totals
+
+    def write_epoch_totals(self, step: int, totals, keep: int) -> None:
+        """Records the totals for the checkpoint about to be saved at `step` (and the newest
+        `keep` before it: a damaged newest checkpoint falls back to an older one)."""
+        path = os.path.join(self.checkpoints, EPOCH_TOTALS)
+        try:
+            with open(path) as f:
+                known = {k: v for k, v in json.load(f).items() if k.isdigit()}
+        except (OSError, ValueError, AttributeError):
+            known = {}
+        known[str(step)] = [float(t) for t in totals]
+        newest = sorted(known, key=int)[-(keep + 1):]
+        os.makedirs(self.checkpoints, exist_ok=True)
+        atomic.write_json(path, {k: known[k] for k in newest})
 
     def checkpoint_manager(self, checkpoint, keep: int):
         import tensorflow as tf  # noqa: PLC0415 (the rest of this module needs no TensorFlow)

@@ -31,7 +31,7 @@ from cifar_dist.model import (Architecture, build_model, first_conv, first_layer
                               initialize, train_flops_per_image, trainable_param_count)
 from cifar_dist.optimizer import make_update
 from cifar_dist.progress import ProfilerWindow, Progress, Throughput
-from cifar_dist.run_dir import RunDir
+from cifar_dist.run_dir import TRAIN_DATA, RunDir
 from cifar_dist.signals import StopRequest
 from cifar_dist.steps import COUNT, CORRECT, LEARNING_RATE, LOSS_SUM, NONFINITE, \
     SKIPPED_TOTAL, STOP, SUMMED
@@ -124,6 +124,9 @@ class Trainer:
         pipeline.per_replica_batch(cfg.batch_size, self.replicas)
         self.steps_per_epoch = pipeline.steps_per_epoch(len(bundle.train), cfg.batch_size)
         self.total_steps = cfg.train_steps or cfg.train_epochs * self.steps_per_epoch
+        if cfg.profile_range and cfg.profile_range[0] > self.total_steps:
+            raise ConfigError(f"--profile_steps={cfg.profile_steps} starts past the run's end "
+                              f"(step {self.total_steps}): no trace would be written")
         self.data_on_device = resolve_data_on_device(cfg.data_on_device, bundle.train)
         if cfg.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -221,9 +224,10 @@ class Trainer:
 
     def _run(self) -> dict:
         cfg, chief = self.cfg, self.cluster.is_chief
+        train_data = self.bundle.train.fingerprint()
         start_step = self.checkpoints.restore(dict(
             {k: v for k, v in cfg.to_dict().items() if k in SHAPING_FLAGS},
-            num_classes=self.bundle.num_classes))
+            num_classes=self.bundle.num_classes, **{TRAIN_DATA: train_data}))
         self.stop.check()
         finished = self.run_dir.read_metrics() if start_step >= self.total_steps else None
         self.finished_record = finished
@@ -237,7 +241,7 @@ class Trainer:
             self.run_dir.write_config(dict(
                 cfg.to_dict(), num_classes=self.bundle.num_classes,
                 class_names=list(self.bundle.class_names), replicas=self.replicas,
-                workers=self.cluster.num_workers))
+                workers=self.cluster.num_workers, **{TRAIN_DATA: train_data}))
         writer = (tf.summary.create_file_writer(self.run_dir.tensorboard)
                   if chief and cfg.enable_tensorboard else tf.summary.create_noop_writer())
         history = self.run_dir.read_history() if chief else []
@@ -252,7 +256,12 @@ class Trainer:
         # (the clock restarts after them); XLA compilation in the first call is included.
         clock = Throughput(cfg.batch_size, start_step)
         profiler = ProfilerWindow(cfg.profile_range, self.run_dir.tensorboard, enabled=chief)
-        epoch_stats = np.zeros(SUMMED)
+        # A resume mid-epoch carries on the epoch's running totals, so its history row covers
+        # the whole epoch (its images/s: the steps since the resume).
+        resumed_totals = (self.run_dir.read_epoch_totals(start_step)
+                          if start_step % self.steps_per_epoch else None)
+        epoch_stats = np.array(resumed_totals if resumed_totals is not None
+                               and len(resumed_totals) == SUMMED else np.zeros(SUMMED))
         step = start_step
         with writer.as_default(), self.stop.deferring(), contextlib.closing(profiler):
             while step < self.total_steps:
@@ -287,6 +296,8 @@ class Trainer:
                         self.run_dir.write_history(history)
                     self.checkpoints.save()
                 elif stopping or (cfg.checkpoint_steps and step % cfg.checkpoint_steps == 0):
+                    if chief:
+                        self.run_dir.write_epoch_totals(step, epoch_stats, cfg.keep_checkpoints)
                     self.checkpoints.save()
                 if stopping:
                     progress.close()

@@ -268,6 +268,31 @@ def test_folder_dataset_needs_two_classes_with_images(tmp_path):
         data.load(Config(dataset="folder", data_dir=str(tmp_path / "split")))
 
 
+def test_a_data_dir_the_dataset_would_not_read_is_refused(tmp_path):
+    for dataset in ("sample", "synthetic"):
+        with pytest.raises(ConfigError, match=f"--data_dir=/my/cifar is not read with "
+                                              f"--dataset={dataset}"):
+            Config(dataset=dataset, data_dir="/my/cifar")
+    Config(dataset="cifar10", data_dir="/my/cifar")
+    # As a user types it: the smoke recipe names the sample; the data_dir would be ignored.
+    result = run_module("cifar_dist.main", "--flagfile=configs/smoke.cfg",
+                        "--data_dir=/my/cifar", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "add --dataset=cifar10" in lines[0], lines
+    assert not (tmp_path / "run").exists()
+
+
+def test_profile_steps_past_the_end_of_the_run_are_refused(tmp_path):
+    result = run_module("cifar_dist.main", *TINY_SYNTHETIC, "--train_steps=2",
+                        "--profile_steps=5,6", f"--model_dir={tmp_path / 'run'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "--profile_steps=5,6 starts past the run's end (step 2)" in \
+        lines[0], lines
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_num_cpu_devices_is_bounded_by_the_cores():
     bound = config.MAX_CPU_DEVICES_PER_CORE * os.cpu_count()
     with pytest.raises(ConfigError, match=f"--num_cpu_devices={bound + 1} is more than 8 per "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from cifar_dist.run_dir import RunDir
 from conftest import REPO, TINY_SAMPLE, TINY_SYNTHETIC, env_for_subprocess, error_lines, \
     run_module
 
@@ -142,10 +144,11 @@ def test_signal_saves_a_checkpoint_and_exits_75_then_resumes(tmp_path, sig):
 
 
 @pytest.mark.slow
-def test_a_stop_mid_epoch_on_two_replicas_resumes_bitwise(tmp_path):
+def test_a_stop_mid_epoch_on_two_replicas_resumes_bitwise_and_keeps_the_epochs_record(tmp_path):
     """The save at a stop is an extra one (no checkpoint is due there): it must not change
     what training computes next. Before BatchNorm's statistics were averaged every step, that
-    save averaged the replicas' statistics and the resumed run ended up to 5e-7 away."""
+    save averaged the replicas' statistics and the resumed run ended up to 5e-7 away. And the
+    epoch's history row covers the whole epoch, not only the steps after the resume."""
     args = [*RESUME_ARGS, "--checkpoint_steps=0", "--steps_per_loop=1", "--strategy=mirrored",
             "--num_cpu_devices=2"]
     straight = run_module("cifar_dist.main", *args, f"--model_dir={tmp_path / 'a'}")
@@ -166,6 +169,10 @@ def test_a_stop_mid_epoch_on_two_replicas_resumes_bitwise(tmp_path):
     different = [k for k in a if k != "save_counter/.ATTRIBUTES/VARIABLE_VALUE"
                  and not np.array_equal(a[k], b[k])]
     assert not different, f"stopped at step {saved}; differing: {different[:5]}"
+    rows_a, rows_b = (RunDir(str(tmp_path / r)).read_history() for r in "ab")
+    assert [r["epoch"] for r in rows_b] == [r["epoch"] for r in rows_a] == [1, 2]
+    for key in ("train_loss", "train_accuracy"):
+        assert rows_b[0][key] == pytest.approx(rows_a[0][key], rel=1e-12), (key, saved)
 
 
 @pytest.mark.slow
@@ -206,3 +213,27 @@ def test_resume_with_another_network_is_refused(tmp_path):
     lines = error_lines(second.stderr)
     assert len(lines) == 1 and "model: checkpoint 'tiny' vs now 'seed'" in lines[0]
     assert (tmp_path / "config.json").read_text() == before
+
+
+def test_resume_on_other_training_data_is_refused_and_on_moved_data_accepted(tmp_path):
+    """Compared by content, not path: the same files elsewhere resume; other files do not."""
+    from test_data import make_fake_cifar  # noqa: PLC0415
+
+    make_fake_cifar(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    make_fake_cifar(tmp_path / "b")
+    (tmp_path / "b" / "cifar-10-batches-py" / "data_batch_3").write_bytes(
+        (tmp_path / "a" / "cifar-10-batches-py" / "data_batch_4").read_bytes())  # one batch
+    args = ["--dataset=cifar10", "--download=false", "--model=tiny", "--batch_size=20",
+            "--train_steps=2", "--skip_eval", "--export=false", "--enable_tensorboard=false",
+            f"--model_dir={tmp_path / 'run'}"]
+    first = run_module("cifar_dist.main", *args, f"--data_dir={tmp_path / 'a'}")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (tmp_path / "run" / "config.json").read_text()
+    other = run_module("cifar_dist.main", *args, f"--data_dir={tmp_path / 'b'}")
+    assert other.returncode == 2, other.stderr[-3000:]
+    lines = error_lines(other.stderr)
+    assert len(lines) == 1 and "the training data: not the images and labels" in lines[0], lines
+    assert (tmp_path / "run" / "config.json").read_text() == before
+    moved = run_module("cifar_dist.main", *args, f"--data_dir={tmp_path / 'moved'}")
+    assert moved.returncode == 0, moved.stderr[-3000:]

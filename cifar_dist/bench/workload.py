@@ -16,7 +16,7 @@ def make_config(settings: Settings, **overrides):
     steps = (s.warmup_windows + s.windows) * s.steps_per_window + 1
     real = s.data == "real"
     values = dict(
-        dataset="cifar10" if real else "synthetic", data_dir=s.data_dir,
+        dataset="cifar10" if real else "synthetic", data_dir=s.data_dir if real else "",
         synthetic_train_size=s.synthetic_size, synthetic_test_size=16,
         test_subset=16 if real else 0, model=s.model, batch_size=s.batch_size,
         # SGD as in the Keras methods (2) and (3), not the seed recipe's AdamW: like with like
