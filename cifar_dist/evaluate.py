@@ -86,6 +86,8 @@ def config_from_model_dir(model_dir: str, overrides: dict | None = None):
         raise ConfigError(f"cannot override {', '.join(unknown)} when evaluating (data flags "
                           f"only: {', '.join(DATA_FIELDS)})")
     values.update(overrides)
+    if "data_dir" not in overrides and values.get("dataset") in ("sample", "synthetic"):
+        values["data_dir"] = ""  # the run's own data_dir is not read with the data asked for
     try:
         if values.get("data_dir"):
             values["data_dir"] = os.path.expanduser(values["data_dir"])

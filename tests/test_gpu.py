@@ -138,7 +138,8 @@ def test_input_reaches_the_step_as_uint8(trainers):
     trainer = trainers("float32")
     assert images_dtype(trainer.train_iterator(0).element_spec) == "uint8"
     fn = trainer.steps.fused_step.get_concrete_function(
-        (tf.TensorSpec([BATCH, 32, 32, 3], tf.uint8), tf.TensorSpec([BATCH], tf.int32)),
+        (tf.TensorSpec([BATCH, 32, 32, 3], tf.uint8), tf.TensorSpec([BATCH], tf.int32),
+         tf.TensorSpec([BATCH], tf.int64)),  # images, labels, example ids
         tf.TensorSpec([], tf.int32), tf.TensorSpec([], tf.int32))
     assert fn.inputs[0].dtype == tf.uint8
 
