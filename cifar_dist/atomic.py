@@ -39,16 +39,15 @@ def _remove(path: str) -> None:
 
 
 @contextlib.contextmanager
-def staged(target: str, *, folder: bool = False, private: bool = False):
+def staged(target: str, *, folder: bool = False):
     """Yields a temporary path beside target; renamed onto target when the block ends
     cleanly, removed when it raises.
 
     A file's temporary is not created; its name is always private, `.NAME.RANDOM.tmp`
     (hidden, random: no user file is called that, and no other process picks it; a fixed
     `NAME.tmp` could be a user's own file, which the stage would overwrite and delete).
-    `private` is kept for callers that ask for it. A folder's is created, private too,
-    with the permissions of any new folder (not mkdtemp's 0700), and replaces a folder
-    already at target (an earlier export or report).
+    A folder's is created, private too, with the permissions of any new folder (not
+    mkdtemp's 0700), and replaces a folder already at target (an earlier export or report).
     """
     target = os.path.normpath(target)  # "dir/" + ".tmp" would land inside dir
     parent = os.path.dirname(os.path.abspath(target))

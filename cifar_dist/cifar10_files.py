@@ -201,7 +201,7 @@ def download_cifar10(looked, is_chief: bool = True) -> str:
                  ", ".join(looked), url, target)
     # Written under a private temporary name, renamed only when complete and right.
     stop = _stop_request()
-    with atomic.staged(target, private=True) as partial:
+    with atomic.staged(target) as partial:
         try:
             with stop.interruptible():  # a signal ends even a blocked read at once
                 got = _fetch(url, partial, stop)
