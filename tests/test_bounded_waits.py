@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
@@ -17,10 +16,11 @@ from cifar_dist import cifar10_files, data
 from cifar_dist.config import Config
 from cifar_dist.errors import DataError
 from conftest import REPO, TINY_RECIPE, env_for_subprocess, error_lines
-from test_data_find import cache_files, places, serve, tarball_bytes  # noqa: F401 (fixtures)
+from test_data_find import (LoopbackServer, cache_files, places, serve,  # noqa: F401 (fixtures)
+                            tarball_bytes)
 
 
-class Trickle:
+class Trickle(LoopbackServer):
     """An HTTP server on 127.0.0.1 that announces `size` bytes and sends one every `every` s."""
 
     def __init__(self, size=1000, every=0.2):
@@ -44,14 +44,7 @@ class Trickle:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/{data.TARBALL}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._listen(Handler, threaded=True)
 
 
 @pytest.fixture

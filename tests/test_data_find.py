@@ -122,9 +122,24 @@ def test_not_found_and_download_forbidden_names_every_place(places, tmp_path):
 
 # --------------------------------------------------------------------------- download
 
-class Server:
-    """An HTTP server on 127.0.0.1 serving one body; `short` sends fewer bytes than the
-    Content-Length it announces."""
+class LoopbackServer:
+    """An HTTP server on 127.0.0.1 (a free port) serving CIFAR-10's tarball name at `url`,
+    in a daemon thread; subclasses give the request handler."""
+
+    def _listen(self, handler, threaded: bool = False):
+        cls = http.server.ThreadingHTTPServer if threaded else http.server.HTTPServer
+        self.httpd = cls(("127.0.0.1", 0), handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}/{data.TARBALL}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class Server(LoopbackServer):
+    """Serves one body; `short` sends fewer bytes than the Content-Length it announces."""
 
     def __init__(self, body: bytes, short: bool = False):
         self.body, self.short, self.requests = body, short, 0
@@ -142,13 +157,7 @@ class Server:
             def log_message(self, *args):
                 pass
 
-        self.httpd = http.server.HTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_port}/{data.TARBALL}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._listen(Handler)
 
 
 @pytest.fixture
