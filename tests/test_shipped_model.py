@@ -45,6 +45,10 @@ def test_shipped_model_scores_its_recorded_accuracy():
     # The same file on the same images: equal up to a few float-rounding flips across machines.
     assert abs(accuracy - record["test_accuracy"]) <= 0.005, (accuracy, record["test_accuracy"])
     assert accuracy > 0.8  # a trained model, not chance (10%)
+    # predict's default views are the recorded ones (assets/tta.json), and score as recorded
+    assert model.tta_views == record["tta_views"]
+    augmented = float((model.probabilities(test.images, tta=True).argmax(1) == test.labels).mean())
+    assert abs(augmented - record["test_accuracy_tta"]) <= 0.005, (augmented, record)
 
 
 def test_predict_without_model_uses_the_shipped_one(tmp_path):
@@ -62,7 +66,7 @@ def test_predict_without_model_uses_the_shipped_one(tmp_path):
     names = [data.CIFAR10_CLASSES[label] for label in test.labels]
     correct = sum(r[1] == name for r, name in zip(rows[1:], names))
     # PNG round trip is lossless, so these are the same predictions as in-process ones
-    # (flip TTA: predict's default).
+    # (the recorded test-time views: predict's default).
     shipped = export.load_exported(predict.SHIPPED_MODEL)
     in_process = shipped.probabilities(test.images, tta=True)
     assert [r[1] for r in rows[1:]] == [data.CIFAR10_CLASSES[i] for i in in_process.argmax(1)]
