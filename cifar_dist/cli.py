@@ -101,7 +101,8 @@ def parse_flags(fv: flags.FlagValues, argv, doc: str) -> list:
 
 def refuse_flagfile_cycles(fv: flags.FlagValues) -> None:
     """A flagfile that includes itself (directly or through others) becomes a flag error
-    (one line, exit 2) instead of absl's warning and a run on whatever was left.
+    (one line, exit 2) instead of absl's warning and a run on whatever was left; so does
+    one that is not UTF-8 text (absl's UnicodeDecodeError was a traceback).
 
     absl reads nested flagfiles through fv._get_flag_file_lines(name, stack); we wrap it
     on this instance only (FlagValues routes attribute writes to flags, hence
@@ -121,6 +122,9 @@ def refuse_flagfile_cycles(fv: flags.FlagValues) -> None:
         open_files.append(real)
         try:
             return inner(filename, parsed_file_stack)
+        except UnicodeDecodeError as e:  # binary garbage, Latin-1 text: absl reads UTF-8
+            raise flags.Error(f"--flagfile={errors.printable(filename)} is not UTF-8 text "
+                              f"(it holds the byte 0x{e.object[e.start]:02x})") from None
         finally:
             open_files.pop()
 

@@ -32,6 +32,11 @@ WHITEN_INIT = ("auto", "none", "trainable", "frozen")
 WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 TTA_VIEWS = ("none", "flip", "flip_translate")
 MAX_CPU_DEVICES_PER_CORE = 8
+# Every integer flag fits in int32 (steps, sizes, epochs, the seed): a larger one would
+# reach TensorFlow or numpy as an overflow, or a memory error, long after start-up.
+MAX_INT_FLAG = 2**31 - 1
+# A timeout longer than a week is a typo (and 1e300 s overflows TensorFlow's milliseconds).
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 
 
 # The defaults are configs/seed.cfg's recipe (tests/test_config.py keeps the two equal):
@@ -129,14 +134,22 @@ class Config:
         TensorBoard(profile_batch=...) convention); None when not profiling."""
         if not self.profile_steps:
             return None
-        parts = [p.strip() for p in self.profile_steps.split(",")]
-        first, last = int(parts[0]), int(parts[-1])
-        return first, last
+        parts = _step_numbers(self.profile_steps)
+        return parts[0], parts[-1]
 
     @property
     def dtype_policy(self) -> str:
         return {"float32": "float32", "float16": "mixed_float16",
                 "bfloat16": "mixed_bfloat16"}[self.dtype]
+
+
+def _step_numbers(text: str):
+    """ "A,B" or "A" -> [A, B] / [A]: ASCII digits only (str.isdigit also takes '²',
+    which int() then refuses); None when text is not that."""
+    parts = [p.strip() for p in text.split(",")]
+    if not (len(parts) in (1, 2) and all(p.isascii() and p.isdigit() for p in parts)):
+        return None
+    return [int(p) for p in parts]
 
 
 def _choice(name, value, allowed):
@@ -154,6 +167,13 @@ def validate(cfg: Config) -> None:
             if isinstance(value, bool) or not isinstance(value, (int, float)) \
                     or not math.isfinite(value):
                 raise ConfigError(f"--{field.name} must be a finite number, got {value!r}")
+        elif field.type in (int, "int"):  # every int flag, found by type, as the floats
+            value = getattr(cfg, field.name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"--{field.name} must be an integer, got {value!r}")
+            if abs(value) > MAX_INT_FLAG:
+                raise ConfigError(f"--{field.name}={value} is out of range (at most "
+                                  f"{MAX_INT_FLAG:,} either way)")
     _choice("strategy", cfg.strategy, STRATEGIES)
     _choice("dataset", cfg.dataset, DATASETS)
     _choice("dtype", cfg.dtype, DTYPES)
@@ -192,14 +212,14 @@ def validate(cfg: Config) -> None:
     for name in ("initial_lr_fraction", "final_lr_fraction"):
         if not 0 <= getattr(cfg, name) <= 1:
             raise ConfigError(f"--{name} must be in [0, 1], got {getattr(cfg, name)}")
-    if cfg.steps_per_loop != "auto" and not (cfg.steps_per_loop.isdigit()
-                                             and int(cfg.steps_per_loop) > 0):
-        raise ConfigError(f"--steps_per_loop={cfg.steps_per_loop!r} must be 'auto' or a "
-                          "positive number of steps")
+    if cfg.steps_per_loop != "auto":
+        steps = _step_numbers(cfg.steps_per_loop)
+        if not (steps and len(steps) == 1 and 0 < steps[0] <= MAX_INT_FLAG):
+            raise ConfigError(f"--steps_per_loop={cfg.steps_per_loop!r} must be 'auto' or a "
+                              f"positive number of steps (at most {MAX_INT_FLAG:,})")
     if cfg.profile_steps:
-        parts = [p.strip() for p in cfg.profile_steps.split(",")]
-        if not (len(parts) in (1, 2) and all(p.isdigit() for p in parts)
-                and 1 <= int(parts[0]) <= int(parts[-1])):
+        parts = _step_numbers(cfg.profile_steps)
+        if not (parts and 1 <= parts[0] <= parts[-1] <= MAX_INT_FLAG):
             raise ConfigError(f"--profile_steps={cfg.profile_steps!r} must be A,B (steps A to "
                               "B, 1 <= A <= B) or A (one step)")
     positive = {"batch_size": cfg.batch_size, "base_batch_size": cfg.base_batch_size,
@@ -211,7 +231,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"--{name} must be > 0, got {value}")
     non_negative = {"train_epochs": cfg.train_epochs, "train_steps": cfg.train_steps,
                     "validation_size": cfg.validation_size, "train_subset": cfg.train_subset,
-                    "test_subset": cfg.test_subset, "checkpoint_steps": cfg.checkpoint_steps,
+                    "test_subset": cfg.test_subset, "seed": cfg.seed,
+                    "checkpoint_steps": cfg.checkpoint_steps,
                     "num_cpu_devices": cfg.num_cpu_devices, "weight_decay": cfg.weight_decay,
                     "synthetic_train_size": cfg.synthetic_train_size,
                     "synthetic_test_size": cfg.synthetic_test_size,
@@ -224,6 +245,12 @@ def validate(cfg: Config) -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"--{name} must be >= 0, got {value}")
+    for name in ("collective_timeout", "startup_timeout"):
+        if getattr(cfg, name) > MAX_TIMEOUT_SECONDS:
+            raise ConfigError(f"--{name}={getattr(cfg, name):g} s is more than a week "
+                              f"(at most {MAX_TIMEOUT_SECONDS:.0f})")
+    if cfg.num_gpus < -1:
+        raise ConfigError(f"--num_gpus must be -1 (all) or >= 0, got {cfg.num_gpus}")
     if cfg.train_epochs == 0 and cfg.train_steps == 0:
         raise ConfigError("set --train_epochs or --train_steps to a positive number")
     if not 0 <= cfg.label_smoothing < 1:
@@ -258,6 +285,34 @@ def validate(cfg: Config) -> None:
     if cfg.num_cpu_devices and cfg.strategy not in ("mirrored", "default"):
         raise ConfigError("--num_cpu_devices splits the CPU for --strategy=mirrored; "
                           f"it does nothing with --strategy={cfg.strategy}")
+    # A flag that does nothing with the others given is refused, not dropped in silence
+    # (only when it differs from its default: a flagfile may spell the default out).
+    _refuse_ignored(cfg)
+
+
+def _refuse_ignored(cfg: Config) -> None:
+    defaults = Config.__dataclass_fields__
+    ignored = [  # (flag, why it has no effect here)
+        ("num_gpus", cfg.strategy != "mirrored",
+         f"it picks GPUs for --strategy=mirrored, not --strategy={cfg.strategy}"),
+        ("num_gpus", cfg.num_cpu_devices > 0,
+         "--num_cpu_devices puts the replicas on the CPU"),
+        ("loss_scale", cfg.dtype != "float16",
+         f"loss scaling is used with --dtype=float16 only, not --dtype={cfg.dtype}"),
+        ("synthetic_train_size", cfg.dataset != "synthetic",
+         f"it sizes --dataset=synthetic, not --dataset={cfg.dataset}"),
+        ("synthetic_test_size", cfg.dataset != "synthetic",
+         f"it sizes --dataset=synthetic, not --dataset={cfg.dataset}"),
+        ("base_batch_size", cfg.lr_scaling == "none",
+         "it is the batch size --lr_scaling scales from, and --lr_scaling=none"),
+        ("lookahead_decay", cfg.lookahead_steps == 0,
+         "lookahead is off (--lookahead_steps=0)"),
+    ]
+    for name, no_effect, why in ignored:
+        value = getattr(cfg, name)
+        if no_effect and value != defaults[name].default:
+            raise ConfigError(f"--{name}={value} has no effect: {why}; drop it "
+                              "(or set what it needs)")
 
 
 # --------------------------------------------------------------------------- flags

@@ -34,7 +34,7 @@ import numpy as np
 from cifar_dist.cifar10_files import (BATCH_FOLDER, TARBALL, TEST_FILE, TRAIN_FILES,
                                       download_cifar10, find_local_cifar10, is_download_chief,
                                       locate_cifar10, not_found)
-from cifar_dist.errors import DataError
+from cifar_dist.errors import DataError, printable
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")
@@ -320,7 +320,22 @@ def load_image_folder(root: str) -> DataBundle:
 
 # --------------------------------------------------------------------------- synthetic
 
+def physical_memory_bytes() -> int:
+    """This machine's memory (0 when the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 def load_synthetic(train_size: int, test_size: int, num_classes: int = 10, seed: int = 0):
+    # Refused before allocating (10**12 images was a numpy MemoryError traceback): at most
+    # half of this machine's memory for the images.
+    need, memory = (train_size + test_size) * int(np.prod(IMAGE_SHAPE)), physical_memory_bytes()
+    if memory and need > memory // 2:
+        raise DataError(f"--synthetic_train_size={train_size} and --synthetic_test_size="
+                        f"{test_size} need {need / 2**30:,.1f} GiB of images, more than half "
+                        f"of this machine's {memory / 2**30:,.1f} GiB")
     rng = np.random.default_rng(seed)
 
     def split(n):
@@ -344,6 +359,23 @@ def check_split(split: Split, num_classes: int, what: str) -> None:
     low, high = int(split.labels.min()), int(split.labels.max())
     if low < 0 or high >= num_classes:
         raise DataError(f"{what}: label {low if low < 0 else high} outside 0..{num_classes - 1}")
+
+
+def check_class_names(names, source: str) -> None:
+    """Class names go into the exported model (a string variable), class_names.json,
+    config.json, the report and predict's CSV header: one that is not printable UTF-8 text
+    (an undecodable byte, a newline, a tab in a folder name) is refused here, before
+    training, not at the export at its end (a TensorFlow traceback, or an evaluation that
+    no longer matches the names read back)."""
+    for name in names:
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{source}: class name {printable(repr(name))} is not a name")
+        if printable(name) != name:
+            raise DataError(f"{source}: class name {printable(name)} is not printable UTF-8 "
+                            "text (it is written into the exported model): rename its folder")
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if list(names).count(n) > 1})
+        raise DataError(f"{source}: class names listed twice: {', '.join(twice)}")
 
 
 def hold_out_validation(bundle: DataBundle, size: int) -> DataBundle:
@@ -385,6 +417,7 @@ def load(cfg) -> DataBundle:
         # An explicit --data_dir is never written into: no TFDS download there.
         bundle = (load_local_cifar10(local) if local
                   else load_tfds_cifar10(cfg.data_dir, download=False))
+    check_class_names(bundle.class_names, bundle.source)
     if cfg.validation_size:
         bundle = hold_out_validation(bundle, cfg.validation_size)
     # "The first N images" of fewer than N would silently train on less than asked for.

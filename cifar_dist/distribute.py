@@ -40,11 +40,17 @@ class ClusterInfo:
 # --------------------------------------------------------------------------- cluster resolution
 
 def parse_tf_config(raw: str) -> dict:
-    """Validates TF_CONFIG and returns it; every problem names the variable."""
+    """Validates TF_CONFIG and returns it; every problem names the variable.
+
+    Whatever JSON it holds: types are checked before use (task.type a job name, task.index
+    an integer, not a bool), and each address is "host:port" with an ASCII host (IPv6 in
+    brackets, "[::1]:2222") and a port in 1..65535, no address listed twice."""
     try:
         tf_config = json.loads(raw)
     except json.JSONDecodeError as e:
         raise ClusterError(f"TF_CONFIG is not valid JSON ({e})") from None
+    except RecursionError:
+        raise ClusterError("TF_CONFIG is nested too deeply to be a cluster") from None
     if not isinstance(tf_config, dict):
         raise ClusterError("TF_CONFIG must be a JSON object with 'cluster' and 'task'")
     cluster, task = tf_config.get("cluster"), tf_config.get("task")
@@ -53,33 +59,67 @@ def parse_tf_config(raw: str) -> dict:
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise ClusterError("TF_CONFIG has no 'task' with 'type' and 'index'")
     jobs = {name: hosts for name, hosts in cluster.items()}
+    seen = {}
     for name, hosts in jobs.items():
         if not isinstance(hosts, list) or not hosts or not all(
                 isinstance(h, str) and ":" in h for h in hosts):
             raise ClusterError(f"TF_CONFIG cluster.{name} must be a list of 'host:port' strings")
-    if task["type"] not in jobs:
-        raise ClusterError(f"TF_CONFIG task.type={task['type']!r} is not a job in cluster "
+        for index, address in enumerate(hosts):
+            where = f"TF_CONFIG cluster.{name}[{index}]={address!r}"
+            host, port = split_address(address, where)
+            key = (host.lower(), port)
+            if key in seen:
+                raise ClusterError(f"{where}: the same address as {seen[key]}: each worker "
+                                   "needs its own port")
+            seen[key] = f"cluster.{name}[{index}]"
+    kind, index = task["type"], task["index"]
+    if not isinstance(kind, str) or kind not in jobs:
+        raise ClusterError(f"TF_CONFIG task.type={kind!r} is not a job in cluster "
                            f"({', '.join(jobs)})")
-    if not isinstance(task["index"], int) or not 0 <= task["index"] < len(jobs[task["type"]]):
-        raise ClusterError(f"TF_CONFIG task.index={task['index']!r} is out of range for "
-                           f"{len(jobs[task['type']])} {task['type']} task(s)")
+    if isinstance(index, bool) or not isinstance(index, int) \
+            or not 0 <= index < len(jobs[kind]):
+        raise ClusterError(f"TF_CONFIG task.index={index!r} is out of range for "
+                           f"{len(jobs[kind])} {kind} task(s) (an integer, 0 to "
+                           f"{len(jobs[kind]) - 1})")
     if set(jobs) - {"worker", "chief"}:
         raise ClusterError(f"TF_CONFIG jobs {sorted(set(jobs) - {'worker', 'chief'})} are not "
                            "used by multi_worker: list every process under 'worker'")
+    if len(jobs.get("chief", [])) > 1:
+        raise ClusterError(f"TF_CONFIG cluster.chief lists {len(jobs['chief'])} addresses: "
+                           "there is at most one chief (list the others under 'worker')")
     return tf_config
+
+
+def split_address(address: str, where: str) -> tuple:
+    """"host:port" -> (host, port); ClusterError naming `where` unless the host is printable
+    ASCII without spaces (an IPv6 address in brackets) and the port is in 1..65535."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        if not host or ":" not in host:
+            raise ClusterError(f"{where}: brackets are for IPv6 addresses ([::1]:2222)")
+    elif ":" in host:
+        raise ClusterError(f"{where}: an IPv6 address needs brackets, [{host}]:{port}")
+    if not host or not (host.isascii() and host.isprintable()) or any(
+            c.isspace() or c in "/@[]" for c in host):
+        raise ClusterError(f"{where}: bad host {host!r} (a host name or IP address, then "
+                           ":port)")
+    if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        raise ClusterError(f"{where}: bad port {port!r} (1 to 65535)")
+    return host, int(port)
 
 
 def slurm_port_base() -> int:
     """A per-job port range, so two jobs sharing a node do not collide (8 ports per job)."""
     job_id = os.environ.get("SLURM_JOB_ID", "0")
-    if not job_id.isdigit():
+    if not (job_id.isascii() and job_id.isdigit()):
         raise ClusterError(f"SLURM_JOB_ID={job_id!r} is not a number")
     return 15000 + (int(job_id) % 5000) * 8
 
 
 def _slurm_int(name: str) -> int:
     value = os.environ.get(name, "")
-    if not value.isdigit():
+    if not (value.isascii() and value.isdigit()):
         raise ClusterError(f"{name}={value!r} is not a number")
     return int(value)
 
@@ -136,6 +176,8 @@ def slurm_resolver():
     base = slurm_port_base()
     # SLURM's default block distribution: ranks fill the nodes in nodelist order.
     addresses = [f"{host}:{base + j}" for host, n in zip(hosts, counts) for j in range(n)]
+    for address in addresses:  # a host name with a space, a newline, non-ASCII bytes
+        split_address(address, f"SLURM_STEP_NODELIST: address {address!r}")
     node = next(i for i, end in enumerate(itertools.accumulate(counts)) if rank < end)
     local_id = rank - sum(counts[:node])
     if os.environ.get("SLURM_LOCALID", str(local_id)) != str(local_id):

@@ -80,6 +80,11 @@ def config_from_model_dir(model_dir: str, overrides: dict | None = None):
     # Only what says where the data come from (+ the held-out split): training settings
     # and their cross-checks (which change between versions) do not matter here.
     values = {k: saved[k] for k in DATA_FIELDS + ("validation_size",) if k in saved}
+    fields = config_lib.Config.__dataclass_fields__
+    for k, v in values.items():  # config.json is a file: its types are checked, not trusted
+        if type(v) is not type(fields[k].default):
+            raise ModelError(f"{RunDir(model_dir).join(CONFIG)}: a data setting of the wrong "
+                             f"type ({k}={v!r})")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     unknown = sorted(set(overrides) - set(DATA_FIELDS))
     if unknown:
@@ -88,6 +93,10 @@ def config_from_model_dir(model_dir: str, overrides: dict | None = None):
     values.update(overrides)
     if "data_dir" not in overrides and values.get("dataset") in ("sample", "synthetic"):
         values["data_dir"] = ""  # the run's own data_dir is not read with the data asked for
+    if values.get("dataset") != "synthetic":  # the run's synthetic sizes, not read either
+        for name in ("synthetic_train_size", "synthetic_test_size"):
+            if name not in overrides:
+                values.pop(name, None)
     try:
         if values.get("data_dir"):
             values["data_dir"] = os.path.expanduser(values["data_dir"])
@@ -407,11 +416,8 @@ def evaluate_command(fv, args) -> int:
         model_dir = os.path.expanduser(fv.model_dir or "")
         exported_model_path(model_dir)  # fail fast, before the data load
         stop.model_dir = model_dir  # a signal from now on: 75 when the run has checkpoints
-        owner = RunDir(model_dir).lock_owner()
-        if owner is not None:
-            # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
-            raise ConfigError(f"--model_dir={model_dir} is in use by a run still training "
-                              f"(pid {owner}); evaluate it when that run has finished")
+        # Its export/ may be replaced at any moment, and eval/ is its to write at its end.
+        RunDir(model_dir).refuse_if_training("evaluate it when that run has finished")
         cfg = config_from_model_dir(model_dir, {name: fv[name].value for name in DATA_FIELDS})
         stop.check()
         m = evaluate_model_dir(model_dir, cfg, split=fv.split, tta=fv.tta,

@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
 from cifar_dist import atomic, cli, signals  # noqa: E402
-from cifar_dist.errors import (CheckpointError, ModelError, UserError,  # noqa: E402
+from cifar_dist.errors import (CheckpointError, ConfigError, ModelError, UserError,  # noqa: E402
                                printable)
 from cifar_dist.run_dir import (CLASS_NAMES_FILE, CONFIG, EXPORT, KERAS_FILE,  # noqa: E402
                                 SAVED_MODEL_DIR, TTA_FILE, RunDir)
@@ -220,23 +220,17 @@ def _run_lock(run: RunDir):
     """The run's lock for the export (training holds it while it runs: its export and
     checkpoints change under us). A model_dir we cannot write (read-only, another user's)
     is exported to --export_dir without it, after checking that no run holds it."""
-    owner = run.lock_owner()
-    if owner is not None:
-        raise UserError(f"--model_dir={run.path} is in use by a run still training (pid "
-                        f"{owner}); it exports itself at its end: export it after that")
-    try:
-        lock = run.lock()
-        lock.__enter__()
-    except UserError:  # taken between the check and here
-        raise UserError(f"--model_dir={run.path} is in use by a run still training; it "
-                        "exports itself at its end: export it after that") from None
-    except OSError:
+    then = "it exports itself at its end: export it after that"
+    run.refuse_if_training(then)
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(run.lock())
+        except UserError:  # taken between the check and here
+            raise ConfigError(f"--model_dir={run.path} is in use by a run still training; "
+                              f"{then}") from None
+        except OSError:  # cannot write model_dir: no lock to take (checked above)
+            pass
         yield
-        return
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- loading

@@ -80,14 +80,15 @@ def check_cluster_addresses(tf_config_raw: str) -> None:
     task = tf_config["task"]
     for job, hosts in tf_config["cluster"].items():
         for index, address in enumerate(hosts):
-            host, _, port = address.rpartition(":")
-            if not port.isdigit() or not 0 < int(port) < 65536:
+            host, _, port = address.rpartition(":")  # checked by distribute.parse_tf_config
+            host = host[1:-1] if host.startswith("[") else host  # [::1] -> ::1
+            if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
                 raise ClusterError(f"TF_CONFIG cluster.{job}[{index}]={address!r}: bad port")
             try:
                 socket.getaddrinfo(host, int(port))
-            except socket.gaierror as e:
+            except (socket.gaierror, UnicodeError) as e:
                 raise ClusterError(f"TF_CONFIG cluster.{job}[{index}]: host {host!r} does not "
-                                   f"resolve ({e.strerror})") from None
+                                   f"resolve ({getattr(e, 'strerror', None) or e})") from None
             if job == task["type"] and index == task["index"]:
                 with socket.socket() as s:
                     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

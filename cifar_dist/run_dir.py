@@ -210,6 +210,15 @@ class RunDir:
         os.makedirs(self.path, exist_ok=True)
         return ModelDirLock(self.path)
 
+    def refuse_if_training(self, then: str) -> None:
+        """ConfigError (exit 2) when a training run holds this model_dir's lock: `evaluate`
+        and `export` would read (and replace) what it is still writing. `then` says what
+        to do instead. Creates and writes nothing."""
+        owner = self.lock_owner()
+        if owner is not None:
+            raise ConfigError(f"--model_dir={self.path} is in use by a run still training "
+                              f"(pid {owner}); {then}")
+
     def lock_owner(self):
         """The pid (a string, "?" if unknown) of the run holding model_dir/.lock, or None
         when no run holds it. Creates and writes nothing: a shared lock is taken and dropped."""

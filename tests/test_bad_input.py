@@ -353,3 +353,126 @@ def test_evaluate_validates_history_and_config_and_keeps_a_concurrent_tmp(traine
     (run / "config.json").write_text(json.dumps(dict(saved, test_subset="ten")))
     with pytest.raises(UserError, match=r"config.json: a data setting of the wrong type"):
         evaluate.config_from_model_dir(str(run))
+
+
+# --------------------------------------------------------------------------- #25 kind 3
+
+INT_FIELDS = [f.name for f in dataclasses.fields(Config) if f.type in (int, "int")]
+
+
+def test_every_int_field_is_covered():
+    assert {"batch_size", "train_steps", "train_epochs", "seed", "lookahead_steps",
+            "synthetic_train_size", "num_gpus"} <= set(INT_FIELDS)
+
+
+@pytest.mark.parametrize("name", INT_FIELDS)
+def test_int_flags_beyond_int32_are_refused(name):
+    # 10**30 steps or epochs was a TypeError from TensorFlow after model_dir was written,
+    # --lookahead_steps=10**30 an OverflowError, --seed=10**30 numpy's ValueError.
+    for value in (10**30, -10**30, config.MAX_INT_FLAG + 1):
+        with pytest.raises(ConfigError, match=f"--{name}=-?[0-9]+ is out of range"):
+            Config(dataset="synthetic", **{name: value})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(seed=-1), "--seed must be >= 0"),  # was numpy's "expected non-negative integer"
+    (dict(num_gpus=-5), "--num_gpus must be -1 \\(all\\) or >= 0"),
+    (dict(steps_per_loop="\u00b2"), "--steps_per_loop='\u00b2' must be"),  # isdigit, not int()
+    (dict(profile_steps="\u00b2"), "--profile_steps='\u00b2' must be"),
+    (dict(profile_steps="\u0661,\u0662"), "--profile_steps=.* must be"),
+    (dict(collective_timeout=1e300), "--collective_timeout=1e\\+300 s is more than a week"),
+    (dict(startup_timeout=1e9), "--startup_timeout=1e\\+09 s is more than a week"),
+])
+def test_odd_numbers_are_refused(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(dataset="synthetic", **changes)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(num_gpus=2), "--num_gpus=2 has no effect: .*--strategy=one_device"),
+    (dict(strategy="mirrored", num_cpu_devices=2, num_gpus=1),
+     "--num_gpus=1 has no effect: --num_cpu_devices"),
+    (dict(loss_scale=1024.0), "--loss_scale=1024.0 has no effect: .*--dtype=float32"),
+    (dict(dataset="sample", synthetic_train_size=64),
+     "--synthetic_train_size=64 has no effect: .*--dataset=sample"),
+    (dict(dataset="sample", synthetic_test_size=64), "--synthetic_test_size=64 has no effect"),
+    (dict(base_batch_size=512), "--base_batch_size=512 has no effect: .*--lr_scaling=none"),
+    (dict(lookahead_decay=0.5), "--lookahead_decay=0.5 has no effect: lookahead is off"),
+])
+def test_a_flag_without_effect_is_refused_not_dropped(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        Config(**{"dataset": "synthetic", **changes})
+
+
+def test_flags_with_their_effect_or_their_default_are_accepted():
+    Config(dataset="synthetic", strategy="mirrored", num_gpus=2)
+    Config(dataset="synthetic", dtype="float16", loss_scale=1024.0)
+    Config(dataset="synthetic", synthetic_train_size=64)
+    Config(dataset="synthetic", lr_scaling="linear", base_batch_size=512)
+    Config(dataset="synthetic", lookahead_steps=5, lookahead_decay=0.5)
+    Config(dataset="sample", synthetic_train_size=1024, loss_scale=32768.0, num_gpus=-1)
+    Config(dataset="synthetic", steps_per_loop="10", profile_steps="2,3", seed=2**31 - 1)
+
+
+def test_a_flagfile_that_is_not_utf8_is_one_line(tmp_path):
+    (tmp_path / "latin1.cfg").write_bytes(b"# caf\xe9\n--train_steps=1\n")
+    (tmp_path / "garbage.cfg").write_bytes(bytes(range(128, 256)) * 3)
+    (tmp_path / "outer.cfg").write_text(f"--flagfile={tmp_path / 'latin1.cfg'}\n")
+    from absl import flags
+    for name in ("latin1.cfg", "garbage.cfg", "outer.cfg"):
+        fv = flags.FlagValues()
+        config.define_flags(fv)
+        with pytest.raises(flags.Error, match=r"latin1.cfg is not UTF-8 text \(it holds the "
+                                              r"byte 0xe9\)|garbage.cfg is not UTF-8"):
+            fv(["prog", f"--flagfile={tmp_path / name}"])
+    # evaluate/predict/export: the same reader (cli.parse_flags)
+    assert predict.main(["predict", f"--flagfile={tmp_path / 'garbage.cfg'}", "x.png"]) == 2
+    result = run_module("cifar_dist.main", f"--flagfile={tmp_path / 'garbage.cfg'}",
+                        f"--model_dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr  # was a UnicodeDecodeError traceback, exit 1
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "garbage.cfg is not UTF-8 text" in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_synthetic_sizes_beyond_the_memory_are_refused_before_allocating():
+    # 2**31 - 1 images are 6 TiB: was numpy's MemoryError traceback (10**12: 2.7 PiB)
+    with pytest.raises(DataError, match=r"--synthetic_train_size=2147483647 .* need "
+                                        r"[0-9,.]+ GiB of images, more than half"):
+        data.load(Config(dataset="synthetic", synthetic_train_size=config.MAX_INT_FLAG))
+
+
+def _class_folders(root, names):
+    for name in names:
+        folder = os.path.join(os.fsencode(root), os.fsencode(name))
+        os.makedirs(folder, exist_ok=True)
+        for i in range(10):
+            Image.new("RGB", (32, 32), (i, 2 * i, 3)).save(os.path.join(folder, b"%d.png" % i))
+
+
+@pytest.mark.parametrize("name, shown", [
+    (os.fsdecode(b"c\xffat"), "c\\\\xffat"),  # was a TensorFlow traceback in the final export
+    ("ca\nt", "ca\\\\nt"),  # was an evaluation that no longer matched the exported names
+    ("ca\tt", "ca\\\\tt"),
+    ("\x1b[31mcat", "\\\\x1b\\[31mcat"),
+])
+def test_class_names_the_export_would_choke_on_are_refused_before_training(
+        tmp_path, name, shown):
+    _class_folders(tmp_path / "photos", [name, "dog"])
+    with pytest.raises(DataError, match=f"class name {shown} is not printable UTF-8 text"):
+        data.load(Config(dataset="folder", data_dir=str(tmp_path / "photos")))
+    data.check_class_names(("cat", "caf\u00e9", "$x$", " dog"), "ok")  # printable: kept
+    with pytest.raises(DataError, match="class names listed twice: cat"):
+        data.check_class_names(("cat", "dog", "cat"), "twice")
+
+
+def test_a_class_folder_name_is_refused_before_model_dir_is_written(tmp_path):
+    _class_folders(tmp_path / "photos", [os.fsdecode(b"c\xffat"), "dog"])
+    result = run_module("cifar_dist.main", "--dataset=folder",
+                        f"--data_dir={tmp_path / 'photos'}", "--model=tiny", "--batch_size=8",
+                        "--train_steps=1", f"--model_dir={tmp_path / 'run'}", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = error_lines(result.stderr)
+    assert len(lines) == 1 and "class name c\\xffat is not printable" in lines[0], lines
+    assert not (tmp_path / "run").exists()

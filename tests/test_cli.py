@@ -21,7 +21,9 @@ from conftest import TINY_SYNTHETIC, error_lines, run_module
     (["--batch_size=abc"], "invalid literal for int"),
     (["--no_such_flag=1"], "Unknown command line flag 'no_such_flag'"),
     (["--dataset=folder", "--data_dir="], "needs --data_dir"),
-    (["--dataset=cifar10", "--data_dir=/nonexistent/cifar"], "no such file or folder"),
+    # (the synthetic sizes back at their defaults: with cifar10 they would do nothing)
+    (["--dataset=cifar10", "--data_dir=/nonexistent/cifar", "--synthetic_train_size=1024",
+      "--synthetic_test_size=256"], "no such file or folder"),
     (["--strategy=multi_worker"], "needs a cluster"),
     (["--batch_size=100000"], "larger than the 512 training images"),
     (["--label_smoothing=1.5"], "--label_smoothing must be in [0, 1)"),

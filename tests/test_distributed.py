@@ -145,6 +145,11 @@ def test_global_batch_must_divide_among_replicas(tmp_path):
      "task.index=3 is out of range"),
     ('{"cluster": {"worker": ["nohostport"]}, "task": {"type": "worker", "index": 0}}',
      "'host:port'"),
+    # #25 kind 3: a bool index was worker 1's (exit 3 after a wait); a list type a traceback
+    ('{"cluster": {"worker": ["localhost:1", "localhost:2"]}, "task": {"type": "worker", '
+     '"index": true}}', "task.index=True is out of range"),
+    ('{"cluster": {"worker": ["localhost:1"]}, "task": {"type": ["worker"], "index": 0}}',
+     "task.type=['worker'] is not a job"),
 ])
 def test_malformed_tf_config_names_the_variable(tmp_path, tf_config, message):
     env = env_for_subprocess(TF_CONFIG=tf_config)
@@ -172,3 +177,68 @@ def test_inconsistent_slurm_variables_name_the_variable(tmp_path, env, message):
     assert result.returncode == 2
     lines = error_lines(result.stderr)
     assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+
+
+def _tf_config(workers, task_type="worker", index=0, chief=None):
+    cluster = {"worker": workers, **({"chief": chief} if chief else {})}
+    return json.dumps({"cluster": cluster, "task": {"type": task_type, "index": index}})
+
+
+@pytest.mark.parametrize("raw, message", [  # #25 kind 3: each was a traceback or a wrong run
+    (_tf_config(["localhost:1", "localhost:2"], index=True), "task.index=True is out of range"),
+    (_tf_config(["localhost:1"], index="0"), "task.index='0' is out of range"),
+    (_tf_config(["localhost:1"], task_type=["worker"]), "task.type=\\['worker'\\] is not"),
+    (_tf_config(["localhost:1"], task_type={"a": 1}), "task.type=.* is not a job"),
+    (_tf_config(["localhost:1", "localhost:\u00b2"]), "\\[1\\]=.*bad port '\u00b2'"),
+    (_tf_config(["localhost:0"]), "bad port '0'"),
+    (_tf_config(["localhost:99999"]), "bad port '99999'"),
+    (_tf_config(["localhost:"]), "bad port ''"),
+    (_tf_config([":2222"]), "bad host ''"),
+    (_tf_config(["a b:2222"]), "bad host 'a b'"),
+    (_tf_config(["local\nhost:2222"]), "bad host"),
+    ('{"cluster": {"worker": ["a\\udcffb:1"]}, "task": {"type": "worker", "index": 0}}',
+     "bad host"),  # was UnicodeError from the idna codec
+    (_tf_config(["::1:2222"]), "an IPv6 address needs brackets, \\[::1\\]:2222"),
+    (_tf_config(["[]:2222"]), "brackets are for IPv6"),
+    (_tf_config(["localhost:2222", "LOCALHOST:2222"]), "\\[1\\]=.*the same address as "
+                                                          "cluster.worker\\[0\\]"),
+    (_tf_config(["c:1"], "chief", 0, chief=["a:1", "b:1"]), "at most one chief"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+])
+def test_tf_config_of_any_json_is_checked_before_use(raw, message):
+    from cifar_dist import distribute
+    from cifar_dist.errors import ClusterError
+    with pytest.raises(ClusterError, match=message):
+        distribute.parse_tf_config(raw)
+
+
+def test_tf_config_accepts_bracketed_ipv6_and_a_chief():
+    from cifar_dist import distribute
+    distribute.parse_tf_config(_tf_config(["[::1]:2222", "[::1]:2223"], index=1))
+    distribute.parse_tf_config(_tf_config(["h:2"], "chief", 0, chief=["h:1"]))
+
+
+@pytest.mark.parametrize("nodelist, message", [
+    ("node 1", "bad host 'node 1'"), ("n\u00e9ud", "bad host"),
+])
+def test_slurm_host_names_are_checked(monkeypatch, nodelist, message):
+    from cifar_dist import distribute
+    from cifar_dist.errors import ClusterError
+    for name, value in {"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1",
+                        "SLURM_STEP_NODELIST": nodelist, "SLURM_STEP_TASKS_PER_NODE": "1",
+                        "SLURM_JOB_ID": "7"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("SLURM_LOCALID", raising=False)
+    with pytest.raises(ClusterError, match=f"SLURM_STEP_NODELIST: address .*{message}"):
+        distribute.slurm_resolver()
+
+
+def test_slurm_numbers_take_ascii_digits_only(monkeypatch):
+    from cifar_dist import distribute
+    from cifar_dist.errors import ClusterError
+    monkeypatch.setenv("SLURM_PROCID", "\u00b2")  # str.isdigit says yes, int() says no
+    with pytest.raises(ClusterError, match="SLURM_PROCID='\u00b2' is not a number"):
+        distribute._slurm_int("SLURM_PROCID")
+    monkeypatch.setenv("SLURM_JOB_ID", "\u00b9")
+    with pytest.raises(ClusterError, match="SLURM_JOB_ID="):
+        distribute.slurm_port_base()

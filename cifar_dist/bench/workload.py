@@ -15,10 +15,11 @@ def make_config(settings: Settings, **overrides):
     s = settings
     steps = (s.warmup_windows + s.windows) * s.steps_per_window + 1
     real = s.data == "real"
+    # Synthetic sizes only for synthetic data: a Config refuses a flag without effect.
+    sizes = {} if real else dict(synthetic_train_size=s.synthetic_size, synthetic_test_size=16)
     values = dict(
         dataset="cifar10" if real else "synthetic", data_dir=s.data_dir if real else "",
-        synthetic_train_size=s.synthetic_size, synthetic_test_size=16,
-        test_subset=16 if real else 0, model=s.model, batch_size=s.batch_size,
+        **sizes, test_subset=16 if real else 0, model=s.model, batch_size=s.batch_size,
         # SGD as in the Keras methods (2) and (3), not the seed recipe's AdamW: like with like
         optimizer="sgd", learning_rate=0.1, weight_decay=5e-4,
         train_steps=steps, dtype=s.dtype, strategy="one_device", model_dir="",
