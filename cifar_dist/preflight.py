@@ -80,10 +80,9 @@ def check_cluster_addresses(tf_config_raw: str) -> None:
     task = tf_config["task"]
     for job, hosts in tf_config["cluster"].items():
         for index, address in enumerate(hosts):
-            host, _, port = address.rpartition(":")  # checked by distribute.parse_tf_config
+            # host:port, [IPv6]:port, port 1..65535: checked first by distribute.parse_tf_config
+            host, _, port = address.rpartition(":")
             host = host[1:-1] if host.startswith("[") else host  # [::1] -> ::1
-            if not port.isascii() or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ClusterError(f"TF_CONFIG cluster.{job}[{index}]={address!r}: bad port")
             try:
                 socket.getaddrinfo(host, int(port))
             except (socket.gaierror, UnicodeError) as e:
