@@ -111,14 +111,12 @@ def split_address(address: str, where: str) -> tuple:
 
 def slurm_port_base() -> int:
     """A per-job port range, so two jobs sharing a node do not collide (8 ports per job)."""
-    job_id = os.environ.get("SLURM_JOB_ID", "0")
-    if not (job_id.isascii() and job_id.isdigit()):
-        raise ClusterError(f"SLURM_JOB_ID={job_id!r} is not a number")
-    return 15000 + (int(job_id) % 5000) * 8
+    return 15000 + (_slurm_int("SLURM_JOB_ID", default="0") % 5000) * 8
 
 
-def _slurm_int(name: str) -> int:
-    value = os.environ.get(name, "")
+def _slurm_int(name: str, default: str = "") -> int:
+    value = os.environ.get(name, default)
+    # ASCII digits only: str.isdigit also takes '²', which int() then refuses.
     if not (value.isascii() and value.isdigit()):
         raise ClusterError(f"{name}={value!r} is not a number")
     return int(value)
